@@ -1,0 +1,39 @@
+// Every gradgeom operator schema, in one place. Kernels live in cpu/<op>.cpp and cuda/<op>.cu;
+// the Python wrappers and fake (meta) implementations live in gradgeom/ops.py.
+#include <torch/library.h>
+
+#ifdef GRADGEOM_PYTHON_MODULE
+#include <Python.h>
+#endif
+
+namespace gradgeom {
+bool compiled_with_cuda();
+}
+
+TORCH_LIBRARY(gradgeom, m) {
+  // True when this build contains the CUDA kernels.
+  m.def("_compiled_with_cuda() -> bool", [] { return gradgeom::compiled_with_cuda(); });
+  // tensors: float32/float64/float16/bfloat16, any shapes, one device.
+  // Returns float64 [num_groups, 6]: count of finite elements, sum, sum of squares,
+  // M2 = sum((x - mean)^2), max |x| over finite elements, count of non-finite elements.
+  m.def("group_moments(Tensor[] tensors, int[] group_ids, int num_groups) -> Tensor");
+  // gradgeom-schemas: each new op adds its m.def line above this comment.
+}
+
+namespace gradgeom {
+bool compiled_with_cuda() {
+#ifdef GRADGEOM_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+}  // namespace gradgeom
+
+#ifdef GRADGEOM_PYTHON_MODULE
+// `import gradgeom._C` loads this library and with it the registrations above.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
+#endif

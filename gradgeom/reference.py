@@ -1,0 +1,55 @@
+"""Pure-torch float64 twins of every gradgeom op, with the same signatures.
+
+These are the definitions the kernels are tested against (and a readable statement of what each
+number means). They are slow and allocate freely; use :mod:`gradgeom.ops` in real code.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+
+__all__ = ["group_moments"]
+
+
+def group_moments(
+    tensors: Sequence[torch.Tensor],
+    group_ids: Optional[Sequence[int]] = None,
+    num_groups: Optional[int] = None,
+    *,
+    device: Union[torch.device, str, None] = None,
+) -> torch.Tensor:
+    """Reference for :func:`gradgeom.ops.group_moments`; float64 ``[num_groups, 6]``.
+
+    Per group, over the concatenation of its tensors: count of finite elements, Σx, Σx²,
+    Σ(x − mean)² computed two-pass around the exact mean, max |x| over finite elements, and the
+    count of non-finite elements.
+    """
+    tensors = list(tensors)
+    ids = [0] * len(tensors) if group_ids is None else [int(g) for g in group_ids]
+    if num_groups is None:
+        num_groups = max(ids, default=0) + 1
+    out_device = tensors[0].device if tensors else device
+    out = torch.zeros((num_groups, 6), dtype=torch.float64)
+    for g in range(num_groups):
+        parts = [t.detach().reshape(-1).to("cpu", torch.float64) for t, i in zip(tensors, ids) if i == g]
+        if not parts:
+            continue
+        x = torch.cat(parts)
+        finite = torch.isfinite(x)
+        v = x[finite]
+        n = v.numel()
+        if n:
+            mean = v.mean()
+            out[g] = torch.stack([
+                torch.tensor(float(n), dtype=torch.float64),
+                v.sum(),
+                (v * v).sum(),
+                ((v - mean) ** 2).sum(),
+                v.abs().max(),
+                (~finite).sum().to(torch.float64),
+            ])
+        else:
+            out[g, 5] = float((~finite).sum())
+    return out.to(out_device)
