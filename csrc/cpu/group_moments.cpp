@@ -1,10 +1,11 @@
 // group_moments on the CPU: chunks in parallel (at::parallel_for), then a fixed-order merge of
 // each group's chunk partials, so the result does not depend on the thread count.
 //
-// Inside a chunk, values are taken in batches of kBatch: pass one gathers count, sum, sum of
-// squares, max |x| and the non-finite count in kLanes independent lanes (the compiler turns the
-// lane loops into SIMD code); pass two, over the same L1-resident batch, gathers M2 around the
-// batch mean. Batches merge into the chunk's float64 accumulator with Chan's formula.
+// Inside a chunk, values are taken in batches of kBatch (bf16/fp16 widened to float32 first):
+// pass one gathers count, sum, sum of squares, max |x| and the non-finite count (AVX2 lanes where
+// the CPU has them, checked at run time; portable scalar code otherwise); pass two, over the same
+// L1-resident batch, gathers M2 around the batch mean. Batches merge into the chunk's float64
+// accumulator with Chan's formula.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/zeros.h>
@@ -12,9 +13,14 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#endif
 
 #include "gradgeom/moments.h"
 #include "gradgeom/tensor_list_plan.h"
@@ -22,92 +28,173 @@
 namespace gradgeom {
 namespace {
 
-constexpr int kLanes = 16;
-constexpr int64_t kBatch = 256;
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define GG_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define GG_SIMD_CLONES
-#endif
+constexpr int64_t kBatch = 4096;
 
 template <typename T>
-__attribute__((always_inline)) inline Moments<double> batch_moments_impl(const T* x, int64_t n) {
-  T s[kLanes] = {}, ss[kLanes] = {}, c[kLanes] = {}, mx[kLanes] = {}, nf[kLanes] = {};
-  const int64_t full = n - n % kLanes;
-  for (int64_t i = 0; i < full; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      const T v = x[i + l];
-      const bool finite = (v - v) == T(0);  // false for +-Inf and NaN
-      const T y = finite ? v : T(0);
-      s[l] += y;
-      ss[l] += y * y;
-      c[l] += finite ? T(1) : T(0);
-      nf[l] += finite ? T(0) : T(1);
-      const T a = std::fabs(y);
-      mx[l] = a > mx[l] ? a : mx[l];
-    }
-  }
-  for (int64_t i = full; i < n; ++i) {
+struct Bits;
+template <>
+struct Bits<float> {
+  using type = uint32_t;
+  static constexpr uint32_t kExponent = 0x7f800000u;
+};
+template <>
+struct Bits<double> {
+  using type = uint64_t;
+  static constexpr uint64_t kExponent = 0x7ff0000000000000ull;
+};
+
+template <typename T>
+inline bool is_finite_bits(T v) {
+  typename Bits<T>::type b;
+  std::memcpy(&b, &v, sizeof(T));
+  return (b & Bits<T>::kExponent) != Bits<T>::kExponent;
+}
+
+// Portable path: any element type, compiler-optimised scalar code.
+template <typename T>
+Moments<double> batch_moments_portable(const T* x, int64_t n) {
+  double s = 0, ss = 0, c = 0, mx = 0, nf = 0;
+  for (int64_t i = 0; i < n; ++i) {
     const T v = x[i];
-    const bool finite = (v - v) == T(0);
-    const T y = finite ? v : T(0);
-    s[0] += y;
-    ss[0] += y * y;
-    c[0] += finite ? T(1) : T(0);
-    nf[0] += finite ? T(0) : T(1);
-    const T a = std::fabs(y);
-    mx[0] = a > mx[0] ? a : mx[0];
+    if (is_finite_bits(v)) {
+      const double y = static_cast<double>(v);
+      s += y;
+      ss += y * y;
+      c += 1;
+      mx = std::max(mx, std::fabs(y));
+    } else {
+      nf += 1;
+    }
   }
   Moments<double> m;
-  for (int l = 0; l < kLanes; ++l) {
-    m.count += c[l];
-    m.sum += s[l];
-    m.sumsq += ss[l];
-    m.nonfinite += nf[l];
-    m.maxabs = mx[l] > m.maxabs ? mx[l] : m.maxabs;
-  }
-  if (m.count > 0) {
-    const T mean = static_cast<T>(m.sum / m.count);
-    T m2[kLanes] = {};
-    for (int64_t i = 0; i < full; i += kLanes) {
-      for (int l = 0; l < kLanes; ++l) {
-        const T v = x[i + l];
-        const T d = (v - v) == T(0) ? v - mean : T(0);
-        m2[l] += d * d;
+  m.count = c;
+  m.sum = s;
+  m.sumsq = ss;
+  m.maxabs = mx;
+  m.nonfinite = nf;
+  if (c > 0) {
+    const double mean = s / c;
+    double m2 = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      if (is_finite_bits(x[i])) {
+        const double d = static_cast<double>(x[i]) - mean;
+        m2 += d * d;
       }
     }
-    for (int64_t i = full; i < n; ++i) {
-      const T v = x[i];
-      const T d = (v - v) == T(0) ? v - mean : T(0);
-      m2[0] += d * d;
-    }
-    // Exact correction for rounding of the batch mean: M2 = sum (x-mean_r)^2 - n (mean - mean_r)^2.
-    double m2_total = 0;
-    for (int l = 0; l < kLanes; ++l) m2_total += m2[l];
-    const double shift = m.sum / m.count - static_cast<double>(mean);
-    m.m2 = m2_total - m.count * shift * shift;
-    if (m.m2 < 0) m.m2 = 0;
+    m.m2 = m2;
   }
   return m;
 }
 
-GG_SIMD_CLONES Moments<double> batch_moments(const float* x, int64_t n) {
-  return batch_moments_impl<float>(x, n);
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define GG_HAVE_AVX2_PATH 1
+
+__attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
+  const __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 pair = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+  return _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps(pair, pair, 1)));
 }
 
-GG_SIMD_CLONES Moments<double> batch_moments(const double* x, int64_t n) {
-  return batch_moments_impl<double>(x, n);
+__attribute__((target("avx2,fma"))) inline float hmax(__m256 v) {
+  const __m128 lo = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 pair = _mm_max_ps(lo, _mm_movehl_ps(lo, lo));
+  return _mm_cvtss_f32(_mm_max_ss(pair, _mm_shuffle_ps(pair, pair, 1)));
 }
 
-GG_SIMD_CLONES void widen(const uint16_t* bf16_bits, float* out, int64_t n) {
+// float32 batch with AVX2: lanes keep finite-masked sum, sum of squares, count and max |x|.
+__attribute__((target("avx2,fma"))) Moments<double> batch_moments_avx2(const float* x, int64_t n) {
+  const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff);
+  const __m256i inf_bits = _mm256_set1_epi32(0x7f800000);
+  const __m256 one = _mm256_set1_ps(1.0f);
+  __m256 s = _mm256_setzero_ps(), ss = _mm256_setzero_ps(), c = _mm256_setzero_ps(), mx = _mm256_setzero_ps();
+  const int64_t full = n - n % 8;
+  for (int64_t i = 0; i < full; i += 8) {
+    const __m256i b = _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i)), abs_mask);
+    const __m256 finite = _mm256_castsi256_ps(_mm256_cmpgt_epi32(inf_bits, b));
+    const __m256 y = _mm256_and_ps(_mm256_loadu_ps(x + i), finite);
+    s = _mm256_add_ps(s, y);
+    ss = _mm256_fmadd_ps(y, y, ss);
+    c = _mm256_add_ps(c, _mm256_and_ps(finite, one));
+    mx = _mm256_max_ps(mx, _mm256_castsi256_ps(_mm256_and_si256(_mm256_castps_si256(y), abs_mask)));
+  }
+  Moments<double> m = batch_moments_portable(x + full, n - full);
+  Moments<double> v;
+  v.count = hsum(c);
+  v.sum = hsum(s);
+  v.sumsq = hsum(ss);
+  v.maxabs = hmax(mx);
+  v.nonfinite = static_cast<double>(full) - v.count;
+  if (v.count > 0) {
+    const float mean_r = static_cast<float>(v.sum / v.count);
+    const __m256 mean = _mm256_set1_ps(mean_r);
+    __m256 m2 = _mm256_setzero_ps();
+    for (int64_t i = 0; i < full; i += 8) {
+      const __m256i b = _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i)), abs_mask);
+      const __m256 finite = _mm256_castsi256_ps(_mm256_cmpgt_epi32(inf_bits, b));
+      const __m256 d = _mm256_and_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), mean), finite);
+      m2 = _mm256_fmadd_ps(d, d, m2);
+    }
+    // sum (x - mean_r)^2 = M2 + n (mean - mean_r)^2, so remove the rounding of the mean exactly.
+    const double shift = v.sum / v.count - static_cast<double>(mean_r);
+    v.m2 = std::max(0.0, static_cast<double>(hsum(m2)) - v.count * shift * shift);
+  }
+  merge_into(v, m);
+  return v;
+}
+
+__attribute__((target("avx2"))) void widen_bf16_avx2(const uint16_t* src, float* out, int64_t n) {
+  const int64_t full = n - n % 8;
+  for (int64_t i = 0; i < full; i += 8) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+    const __m256i w = _mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16);
+    _mm256_storeu_ps(out + i, _mm256_castsi256_ps(w));
+  }
+  for (int64_t i = full; i < n; ++i) {
+    const uint32_t bits = static_cast<uint32_t>(src[i]) << 16;
+    std::memcpy(out + i, &bits, sizeof(float));
+  }
+}
+
+__attribute__((target("avx2,f16c"))) void widen_f16_avx2(const uint16_t* src, float* out, int64_t n) {
+  const int64_t full = n - n % 8;
+  for (int64_t i = 0; i < full; i += 8) {
+    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  }
+  for (int64_t i = full; i < n; ++i) out[i] = static_cast<float>(c10::Half(src[i], c10::Half::from_bits()));
+}
+
+bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          __builtin_cpu_supports("f16c");
+  return has;
+}
+#else
+bool cpu_has_avx2() { return false; }
+#endif
+
+Moments<double> batch_moments(const float* x, int64_t n) {
+#ifdef GG_HAVE_AVX2_PATH
+  if (cpu_has_avx2()) return batch_moments_avx2(x, n);
+#endif
+  return batch_moments_portable(x, n);
+}
+
+Moments<double> batch_moments(const double* x, int64_t n) { return batch_moments_portable(x, n); }
+
+void widen(const uint16_t* bf16_bits, float* out, int64_t n) {
+#ifdef GG_HAVE_AVX2_PATH
+  if (cpu_has_avx2()) return widen_bf16_avx2(bf16_bits, out, n);
+#endif
   for (int64_t i = 0; i < n; ++i) {
     const uint32_t bits = static_cast<uint32_t>(bf16_bits[i]) << 16;
     std::memcpy(out + i, &bits, sizeof(float));
   }
 }
 
-GG_SIMD_CLONES void widen(const c10::Half* src, float* out, int64_t n) {
+void widen(const c10::Half* src, float* out, int64_t n) {
+#ifdef GG_HAVE_AVX2_PATH
+  if (cpu_has_avx2()) return widen_f16_avx2(reinterpret_cast<const uint16_t*>(src), out, n);
+#endif
   for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(src[i]);
 }
 

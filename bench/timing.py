@@ -1,0 +1,46 @@
+"""Shared timing helpers for the benchmarks: event-timed medians and the copy ceiling."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, reps: int = 20) -> float:
+    """Median wall time of fn() in milliseconds (CUDA events on GPU, perf_counter on CPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        for _ in range(reps):
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            stop.record()
+            stop.synchronize()
+            times.append(start.elapsed_time(stop))
+    else:
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def copy_gbps(nbytes: int, device: torch.device) -> float:
+    """Device-to-device (or host memcpy) copy bandwidth, counting bytes read + written, in GB/s."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    src.random_(0, 255)
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), device)
+    del src, dst
+    return 2 * nbytes / ms / 1e6
+
+
+def report(label: str, nbytes: int, ms: float, ceiling_gbps: float) -> str:
+    gbps = nbytes / ms / 1e6
+    return f"{label:<34} {ms:9.3f} ms {gbps:9.1f} GB/s {100 * gbps / ceiling_gbps:6.1f} % of copy"
