@@ -9,6 +9,7 @@ otherwise only the CPU kernels are. Environment variables:
 ``TORCH_CUDA_ARCH_LIST``  target GPU architectures (honoured as torch does). When unset we build
                           for sm_90 (+PTX) and for every GPU visible at build time.
 ``MAX_JOBS``              parallel compile jobs (torch's ninja builder).
+``GRADGEOM_PTXAS_VERBOSE`` ``1`` prints ptxas's resource report (registers, spills) per kernel.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -99,15 +101,24 @@ def extensions():
     cpp, cuda = native_sources()
     include_dirs = [str(ROOT / "csrc" / "include")]
     cxx_flags = ["-O3", "-DGRADGEOM_PYTHON_MODULE"]
+    link_flags = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for is inlined from torch's headers and only runs in parallel when the
+        # including file is compiled with OpenMP (torch's own libgomp serves it at run time).
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     if want_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", default_arch_list())
         nvcc_flags = ["-O3", "-lineinfo", "-DGRADGEOM_WITH_CUDA"]
+        if os.environ.get("GRADGEOM_PTXAS_VERBOSE") == "1":
+            nvcc_flags.append("-Xptxas=-v")  # register / shared-memory / spill report per kernel
         return [
             CUDAExtension(
                 "gradgeom._C",
                 sources=cpp + cuda,
                 include_dirs=include_dirs,
                 extra_compile_args={"cxx": cxx_flags + ["-DGRADGEOM_WITH_CUDA"], "nvcc": nvcc_flags},
+                extra_link_args=link_flags,
             )
         ]
     return [
@@ -116,6 +127,7 @@ def extensions():
             sources=cpp,
             include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
         )
     ]
 

@@ -86,11 +86,16 @@ def group_moments(
         A group with no elements gives a row of zeros. Deterministic: identical input gives
         identical bits. Never synchronises with the GPU.
     """
-    tensors = _check_tensor_list("group_moments", tensors)
+    if isinstance(tensors, torch.Tensor) or not isinstance(tensors, (list, tuple)):
+        raise TypeError(f"group_moments: tensors must be a list or tuple of tensors, got {type(tensors).__name__}")
     ids, num_groups = _resolve_groups("group_moments", len(tensors), group_ids, num_groups)
     if not tensors:
         return torch.zeros((num_groups, 6), dtype=torch.float64, device=device)
-    return torch.ops.gradgeom.group_moments(tensors, ids, num_groups)
+    try:
+        return torch.ops.gradgeom.group_moments(list(tensors), ids, num_groups)
+    except (RuntimeError, TypeError, ValueError):
+        _check_tensor_list("group_moments", tensors)  # raises the clearer Python-side message
+        raise
 
 
 @torch.library.register_fake("gradgeom::group_moments")

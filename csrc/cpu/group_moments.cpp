@@ -101,8 +101,8 @@ __attribute__((target("avx2,fma"))) inline float hmax(__m256 v) {
   return _mm_cvtss_f32(_mm_max_ss(pair, _mm_shuffle_ps(pair, pair, 1)));
 }
 
-// float32 batch with AVX2: lanes keep finite-masked sum, sum of squares, count and max |x|.
-__attribute__((target("avx2,fma"))) Moments<double> batch_moments_avx2(const float* x, int64_t n) {
+// float32 batch with AVX2, masking every element: count, sums and max over finite values only.
+__attribute__((target("avx2,fma"))) Moments<double> batch_moments_masked_avx2(const float* x, int64_t n) {
   const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff);
   const __m256i inf_bits = _mm256_set1_epi32(0x7f800000);
   const __m256 one = _mm256_set1_ps(1.0f);
@@ -134,11 +134,68 @@ __attribute__((target("avx2,fma"))) Moments<double> batch_moments_avx2(const flo
       const __m256 d = _mm256_and_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), mean), finite);
       m2 = _mm256_fmadd_ps(d, d, m2);
     }
-    // sum (x - mean_r)^2 = M2 + n (mean - mean_r)^2, so remove the rounding of the mean exactly.
     const double shift = v.sum / v.count - static_cast<double>(mean_r);
     v.m2 = std::max(0.0, static_cast<double>(hsum(m2)) - v.count * shift * shift);
   }
   merge_into(v, m);
+  return v;
+}
+
+// float32 batch with AVX2. Pass one sums x and max |x| in four independent lanes sets; a
+// non-finite element makes the sum non-finite, and only then is the batch re-read with masks.
+// Pass two (L1-resident) sums (x - mean)^2; the sum of squares follows as M2 + n * mean^2.
+__attribute__((target("avx2,fma"))) Moments<double> batch_moments_avx2(const float* x, int64_t n) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+  __m256 m0 = s0, m1 = s0, m2 = s0, m3 = s0;
+  const int64_t full32 = n - n % 32;
+  for (int64_t i = 0; i < full32; i += 32) {
+    const __m256 a = _mm256_loadu_ps(x + i), b = _mm256_loadu_ps(x + i + 8);
+    const __m256 c = _mm256_loadu_ps(x + i + 16), d = _mm256_loadu_ps(x + i + 24);
+    s0 = _mm256_add_ps(s0, a);
+    s1 = _mm256_add_ps(s1, b);
+    s2 = _mm256_add_ps(s2, c);
+    s3 = _mm256_add_ps(s3, d);
+    m0 = _mm256_max_ps(m0, _mm256_and_ps(a, abs_mask));
+    m1 = _mm256_max_ps(m1, _mm256_and_ps(b, abs_mask));
+    m2 = _mm256_max_ps(m2, _mm256_and_ps(c, abs_mask));
+    m3 = _mm256_max_ps(m3, _mm256_and_ps(d, abs_mask));
+  }
+  float sum = hsum(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
+  float mx = hmax(_mm256_max_ps(_mm256_max_ps(m0, m1), _mm256_max_ps(m2, m3)));
+  for (int64_t i = full32; i < n; ++i) {
+    sum += x[i];
+    mx = std::max(mx, std::fabs(x[i]));
+  }
+  // max_ps drops NaN operands, so a NaN shows only in the sum; an Inf shows in both.
+  if (!std::isfinite(sum) || !std::isfinite(mx)) return batch_moments_masked_avx2(x, n);
+
+  const float mean_r = sum / static_cast<float>(n);
+  const __m256 mean = _mm256_set1_ps(mean_r);
+  __m256 q0 = _mm256_setzero_ps(), q1 = q0, q2 = q0, q3 = q0;
+  for (int64_t i = 0; i < full32; i += 32) {
+    const __m256 a = _mm256_sub_ps(_mm256_loadu_ps(x + i), mean);
+    const __m256 b = _mm256_sub_ps(_mm256_loadu_ps(x + i + 8), mean);
+    const __m256 c = _mm256_sub_ps(_mm256_loadu_ps(x + i + 16), mean);
+    const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(x + i + 24), mean);
+    q0 = _mm256_fmadd_ps(a, a, q0);
+    q1 = _mm256_fmadd_ps(b, b, q1);
+    q2 = _mm256_fmadd_ps(c, c, q2);
+    q3 = _mm256_fmadd_ps(d, d, q3);
+  }
+  double m2_r = hsum(_mm256_add_ps(_mm256_add_ps(q0, q1), _mm256_add_ps(q2, q3)));
+  for (int64_t i = full32; i < n; ++i) {
+    const double dv = static_cast<double>(x[i]) - mean_r;
+    m2_r += dv * dv;
+  }
+  Moments<double> v;
+  v.count = static_cast<double>(n);
+  v.sum = sum;
+  v.maxabs = mx;
+  const double mean_exact = v.sum / v.count;
+  const double shift = mean_exact - static_cast<double>(mean_r);
+  v.m2 = std::max(0.0, m2_r - v.count * shift * shift);
+  v.sumsq = v.m2 + v.count * mean_exact * mean_exact;
   return v;
 }
 

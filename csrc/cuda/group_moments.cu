@@ -22,38 +22,95 @@ using namespace cuda_detail;
 constexpr int kThreads = 256;
 constexpr int kUnroll = 4;
 
-template <typename Kind, int N>
-__device__ __forceinline__ void add_batch(Moments<typename Kind::acc>& acc,
-                                          const typename Kind::acc (&v)[N], const bool (&present)[N]) {
-  using acc_t = typename Kind::acc;
-  acc_t s = 0, ss = 0, c = 0, mx = 0, nf = 0;
+// Per-thread running state, in the chunk's shifted frame d = x - shift (fp32 for 16/32-bit inputs).
+template <typename acc_t>
+struct Running {
+  acc_t n = 0;      // finite elements
+  acc_t mean = 0;   // mean of d
+  acc_t m2 = 0;     // sum of (d - mean)^2
+  acc_t maxabs = 0; // max |x|
+  acc_t nonfinite = 0;
+};
+
+// Chan merge of a batch (nb elements, mean mb, M2 m2b) into the running state.
+template <typename acc_t>
+__device__ __forceinline__ void merge_batch(Running<acc_t>& r, acc_t nb, acc_t mb, acc_t m2b) {
+  const acc_t n = r.n + nb;
+  const acc_t frac = nb / n;
+  const acc_t delta = mb - r.mean;
+  r.mean += delta * frac;
+  r.m2 += m2b + delta * delta * r.n * frac;
+  r.n = n;
+}
+
+// N values, all present. Fast path: no element tests; a non-finite element makes the batch sum
+// non-finite, and only then are the elements examined one by one.
+template <typename acc_t, int N>
+__device__ __forceinline__ void add_full_batch(Running<acc_t>& r, const acc_t (&x)[N], acc_t shift) {
+  acc_t s = 0, batch_max = 0;
 #pragma unroll
   for (int i = 0; i < N; ++i) {
-    const bool finite = present[i] && isfinite(v[i]);
-    const acc_t y = finite ? v[i] : acc_t(0);
-    s += y;
-    ss += y * y;
-    c += finite ? acc_t(1) : acc_t(0);
-    nf += (present[i] && !finite) ? acc_t(1) : acc_t(0);
-    mx = fmax(mx, fabs(y));
+    s += x[i] - shift;
+    batch_max = fmax(batch_max, fabs(x[i]));
   }
-  Moments<acc_t> b;
-  b.count = c;
-  b.sum = s;
-  b.sumsq = ss;
-  b.maxabs = mx;
-  b.nonfinite = nf;
-  if (c > 0) {
-    const acc_t mean = s / c;
-    acc_t m2 = 0;
+  if (isfinite(s)) {
+    r.maxabs = fmax(r.maxabs, batch_max);
+    const acc_t mb = s * (acc_t(1) / acc_t(N));
+    acc_t m2b = 0;
 #pragma unroll
     for (int i = 0; i < N; ++i) {
-      const acc_t d = (present[i] && isfinite(v[i])) ? v[i] - mean : acc_t(0);
-      m2 += d * d;
+      const acc_t d = (x[i] - shift) - mb;
+      m2b += d * d;
     }
-    b.m2 = m2;
+    merge_batch(r, acc_t(N), mb, m2b);
+    return;
   }
-  merge_into(acc, b);
+  // Rare: some element is NaN/Inf (or the batch sum overflowed): test the elements one by one.
+  acc_t c = 0, sf = 0, mx = 0;
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    const bool finite = isfinite(x[i]);
+    c += finite ? acc_t(1) : acc_t(0);
+    sf += finite ? x[i] - shift : acc_t(0);
+    mx = finite ? fmax(mx, fabs(x[i])) : mx;
+  }
+  r.nonfinite += acc_t(N) - c;
+  r.maxabs = fmax(r.maxabs, mx);
+  if (c > 0) {
+    const acc_t mb = sf / c;
+    acc_t m2b = 0;
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      const acc_t d = isfinite(x[i]) ? (x[i] - shift) - mb : acc_t(0);
+      m2b += d * d;
+    }
+    merge_batch(r, c, mb, m2b);
+  }
+}
+
+template <typename acc_t>
+__device__ __forceinline__ void add_one(Running<acc_t>& r, acc_t x, acc_t shift) {
+  if (isfinite(x)) {
+    r.maxabs = fmax(r.maxabs, fabs(x));
+    merge_batch(r, acc_t(1), x - shift, acc_t(0));
+  } else {
+    r.nonfinite += 1;
+  }
+}
+
+template <typename acc_t>
+__device__ __forceinline__ Moments<double> to_moments(const Running<acc_t>& r, acc_t shift) {
+  Moments<double> m;
+  m.count = r.n;
+  m.nonfinite = r.nonfinite;
+  m.maxabs = r.maxabs;
+  if (r.n > 0) {
+    const double mean = static_cast<double>(r.mean) + static_cast<double>(shift);
+    m.sum = mean * r.n;
+    m.m2 = r.m2;
+    m.sumsq = m.m2 + mean * mean * r.n;
+  }
+  return m;
 }
 
 template <typename Kind>
@@ -73,27 +130,34 @@ __device__ Moments<double> chunk_moments(const DeviceTensor& t, int64_t local_ch
   const int64_t nvec = body_len / kVec;
   const uint4* vec_base = reinterpret_cast<const uint4*>(base + body_begin);
 
-  Moments<acc_t> acc;
-  for (int64_t first = threadIdx.x; first < nvec; first += int64_t(kThreads) * kUnroll) {
+  // Work relative to one value of the chunk: fp32 sums of x - shift keep their digits even when
+  // the mean is large against the spread.
+  const int64_t first_elem = local_chunk == 0 ? 0 : body_begin;
+  acc_t shift = Kind::widen(base[first_elem]);
+  shift = isfinite(shift) ? shift : acc_t(0);
+
+  Running<acc_t> r;
+  constexpr int64_t kStride = int64_t(kThreads) * kUnroll;
+  const int64_t full_rounds_end = nvec - nvec % kStride;
+  for (int64_t first = threadIdx.x; first < full_rounds_end; first += kStride) {
     Vec loaded[kUnroll];
-    bool in_range[kUnroll];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t idx = first + int64_t(u) * kThreads;
-      in_range[u] = idx < nvec;
-      if (in_range[u]) loaded[u].raw = __ldg(vec_base + idx);
-    }
-    acc_t v[kUnroll * kVec];
-    bool present[kUnroll * kVec];
+    for (int u = 0; u < kUnroll; ++u) loaded[u].raw = __ldg(vec_base + first + int64_t(u) * kThreads);
+    acc_t x[kUnroll * kVec];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
 #pragma unroll
-      for (int j = 0; j < kVec; ++j) {
-        v[u * kVec + j] = in_range[u] ? Kind::widen(loaded[u].e[j]) : acc_t(0);
-        present[u * kVec + j] = in_range[u];
-      }
+      for (int j = 0; j < kVec; ++j) x[u * kVec + j] = Kind::widen(loaded[u].e[j]);
     }
-    add_batch<Kind>(acc, v, present);
+    add_full_batch(r, x, shift);
+  }
+  for (int64_t v = full_rounds_end + threadIdx.x; v < nvec; v += kThreads) {
+    Vec loaded;
+    loaded.raw = __ldg(vec_base + v);
+    acc_t x[kVec];
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) x[j] = Kind::widen(loaded.e[j]);
+    add_full_batch(r, x, shift);
   }
 
   // Scalars: the unaligned head (first chunk only) and the tail shorter than one vector.
@@ -102,11 +166,9 @@ __device__ Moments<double> chunk_moments(const DeviceTensor& t, int64_t local_ch
   const int64_t n_head = local_chunk == 0 ? t.head : 0;
   for (int64_t i = threadIdx.x; i < n_head + n_tail; i += kThreads) {
     const int64_t pos = i < n_head ? i : tail_begin + (i - n_head);
-    acc_t v[1] = {Kind::widen(base[pos])};
-    bool present[1] = {true};
-    add_batch<Kind>(acc, v, present);
+    add_one(r, Kind::widen(base[pos]), shift);
   }
-  return moments_cast<double>(acc);
+  return to_moments(r, shift);
 }
 
 __global__ void __launch_bounds__(kThreads) chunk_partials_kernel(const DeviceTensor* tensors, int num_tensors,
