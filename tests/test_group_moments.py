@@ -149,8 +149,8 @@ def test_torch_compile_smoke(device):
 @pytest.mark.parametrize(
     "call, err, match",
     [
-        (lambda: ops.group_moments([torch.ones(3, dtype=torch.int64)]), TypeError, r"tensors\[0\].*int64"),
-        (lambda: ops.group_moments([torch.ones(3, dtype=torch.complex64)]), TypeError, r"tensors\[0\].*complex"),
+        (lambda: ops.group_moments([torch.ones(3, dtype=torch.int64)]), TypeError, r"tensors\[0\] has dtype Long"),
+        (lambda: ops.group_moments([torch.ones(3, dtype=torch.complex64)]), TypeError, r"tensors\[0\] has dtype ComplexFloat"),
         (lambda: ops.group_moments([torch.ones(3)], [0, 1]), ValueError, "one entry per tensor"),
         (lambda: ops.group_moments([torch.ones(3)], [2], 2), ValueError, r"group_ids\[0\] = 2"),
         (lambda: ops.group_moments([torch.ones(3)], [-1], 2), ValueError, r"group_ids\[0\] = -1"),
@@ -182,6 +182,8 @@ def test_bad_input_cpp(args, err, match):
 def test_mixed_devices_rejected():
     with pytest.raises(ValueError, match="one device"):
         ops.group_moments([torch.ones(3, device="cuda"), torch.ones(3)])
+    with pytest.raises(ValueError, match="one device"):
+        ops.group_moments([torch.ones(3), torch.ones(3, device="cuda")])
     with pytest.raises((ValueError, RuntimeError), match="device"):
         torch.ops.gradgeom.group_moments([torch.ones(3, device="cuda"), torch.ones(3)], [0, 0], 1)
 

@@ -171,7 +171,8 @@ __device__ Moments<double> chunk_moments(const DeviceTensor& t, int64_t local_ch
   return to_moments(r, shift);
 }
 
-__global__ void __launch_bounds__(kThreads) chunk_partials_kernel(const DeviceTensor* tensors, int num_tensors,
+// At most 64 registers a thread, so that 4 blocks (1024 threads) share an SM.
+__global__ void __launch_bounds__(kThreads, 4) chunk_partials_kernel(const DeviceTensor* tensors, int num_tensors,
                                                                   double* partials) {
   __shared__ Moments<double> scratch[kThreads / 32];
   __shared__ int owner;
