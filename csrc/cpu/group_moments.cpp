@@ -1,11 +1,11 @@
 // group_moments on the CPU: chunks in parallel (at::parallel_for), then a fixed-order merge of
 // each group's chunk partials, so the result does not depend on the thread count.
 //
-// Inside a chunk, values are taken in batches of kBatch (bf16/fp16 widened to float32 first):
-// pass one gathers count, sum, sum of squares, max |x| and the non-finite count (AVX2 lanes where
-// the CPU has them, checked at run time; portable scalar code otherwise); pass two, over the same
-// L1-resident batch, gathers M2 around the batch mean. Batches merge into the chunk's float64
-// accumulator with Chan's formula.
+// Inside a chunk, values are taken in batches of kBatch. With AVX2 (checked at run time), bf16,
+// fp16 and fp32 are read in place: pass one sums x and max |x|; a non-finite sum sends the batch
+// to a masked pass that counts NaN/Inf; pass two, over the same L1-resident batch, sums
+// (x - mean)^2. Without AVX2, portable scalar code does the same in float64. Batches merge into
+// the chunk's float64 accumulator with Chan's formula.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/zeros.h>
@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <cstring>
 #include <vector>
 
@@ -141,17 +142,51 @@ __attribute__((target("avx2,fma"))) Moments<double> batch_moments_masked_avx2(co
   return v;
 }
 
-// float32 batch with AVX2. Pass one sums x and max |x| in four independent lanes sets; a
-// non-finite element makes the sum non-finite, and only then is the batch re-read with masks.
-// Pass two (L1-resident) sums (x - mean)^2; the sum of squares follows as M2 + n * mean^2.
-__attribute__((target("avx2,fma"))) Moments<double> batch_moments_avx2(const float* x, int64_t n) {
+#define GG_AVX2_INLINE __attribute__((target("avx2,fma,f16c"), always_inline)) inline
+
+// Loaders: 8 elements of a storage type as 8 float32 lanes, and one element as a float.
+struct F32Loader {
+  using T = float;
+  GG_AVX2_INLINE static __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+  GG_AVX2_INLINE static float one(const float* p) { return *p; }
+};
+struct BF16Loader {
+  using T = uint16_t;
+  GG_AVX2_INLINE static __m256 load8(const uint16_t* p) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+  GG_AVX2_INLINE static float one(const uint16_t* p) {
+    const uint32_t bits = static_cast<uint32_t>(*p) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof(float));
+    return f;
+  }
+};
+struct F16Loader {
+  using T = uint16_t;
+  GG_AVX2_INLINE static __m256 load8(const uint16_t* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  GG_AVX2_INLINE static float one(const uint16_t* p) {
+    return _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(*p)));
+  }
+};
+
+// One batch with AVX2, read straight from its storage type. Pass one sums x and max |x| in four
+// independent lane sets; a non-finite element makes the sum non-finite, and only then is the
+// batch widened into `scratch` and re-read with masks. Pass two (L1-resident) sums
+// (x - mean)^2; the sum of squares follows as M2 + n * mean^2.
+template <class L>
+__attribute__((target("avx2,fma,f16c"))) Moments<double> batch_moments_avx2(const typename L::T* x, int64_t n,
+                                                                         float* scratch) {
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
   __m256 m0 = s0, m1 = s0, m2 = s0, m3 = s0;
   const int64_t full32 = n - n % 32;
   for (int64_t i = 0; i < full32; i += 32) {
-    const __m256 a = _mm256_loadu_ps(x + i), b = _mm256_loadu_ps(x + i + 8);
-    const __m256 c = _mm256_loadu_ps(x + i + 16), d = _mm256_loadu_ps(x + i + 24);
+    const __m256 a = L::load8(x + i), b = L::load8(x + i + 8);
+    const __m256 c = L::load8(x + i + 16), d = L::load8(x + i + 24);
     s0 = _mm256_add_ps(s0, a);
     s1 = _mm256_add_ps(s1, b);
     s2 = _mm256_add_ps(s2, c);
@@ -164,20 +199,30 @@ __attribute__((target("avx2,fma"))) Moments<double> batch_moments_avx2(const flo
   float sum = hsum(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
   float mx = hmax(_mm256_max_ps(_mm256_max_ps(m0, m1), _mm256_max_ps(m2, m3)));
   for (int64_t i = full32; i < n; ++i) {
-    sum += x[i];
-    mx = std::max(mx, std::fabs(x[i]));
+    const float v = L::one(x + i);
+    sum += v;
+    mx = std::max(mx, std::fabs(v));
   }
   // max_ps drops NaN operands, so a NaN shows only in the sum; an Inf shows in both.
-  if (!std::isfinite(sum) || !std::isfinite(mx)) return batch_moments_masked_avx2(x, n);
+  if (!std::isfinite(sum) || !std::isfinite(mx)) {
+    if constexpr (std::is_same_v<L, F32Loader>) {
+      return batch_moments_masked_avx2(x, n);
+    } else {
+      const int64_t full8 = n - n % 8;
+      for (int64_t i = 0; i < full8; i += 8) _mm256_storeu_ps(scratch + i, L::load8(x + i));
+      for (int64_t i = full8; i < n; ++i) scratch[i] = L::one(x + i);
+      return batch_moments_masked_avx2(scratch, n);
+    }
+  }
 
   const float mean_r = sum / static_cast<float>(n);
   const __m256 mean = _mm256_set1_ps(mean_r);
   __m256 q0 = _mm256_setzero_ps(), q1 = q0, q2 = q0, q3 = q0;
   for (int64_t i = 0; i < full32; i += 32) {
-    const __m256 a = _mm256_sub_ps(_mm256_loadu_ps(x + i), mean);
-    const __m256 b = _mm256_sub_ps(_mm256_loadu_ps(x + i + 8), mean);
-    const __m256 c = _mm256_sub_ps(_mm256_loadu_ps(x + i + 16), mean);
-    const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(x + i + 24), mean);
+    const __m256 a = _mm256_sub_ps(L::load8(x + i), mean);
+    const __m256 b = _mm256_sub_ps(L::load8(x + i + 8), mean);
+    const __m256 c = _mm256_sub_ps(L::load8(x + i + 16), mean);
+    const __m256 d = _mm256_sub_ps(L::load8(x + i + 24), mean);
     q0 = _mm256_fmadd_ps(a, a, q0);
     q1 = _mm256_fmadd_ps(b, b, q1);
     q2 = _mm256_fmadd_ps(c, c, q2);
@@ -185,7 +230,7 @@ __attribute__((target("avx2,fma"))) Moments<double> batch_moments_avx2(const flo
   }
   double m2_r = hsum(_mm256_add_ps(_mm256_add_ps(q0, q1), _mm256_add_ps(q2, q3)));
   for (int64_t i = full32; i < n; ++i) {
-    const double dv = static_cast<double>(x[i]) - mean_r;
+    const double dv = static_cast<double>(L::one(x + i)) - mean_r;
     m2_r += dv * dv;
   }
   Moments<double> v;
@@ -199,27 +244,6 @@ __attribute__((target("avx2,fma"))) Moments<double> batch_moments_avx2(const flo
   return v;
 }
 
-__attribute__((target("avx2"))) void widen_bf16_avx2(const uint16_t* src, float* out, int64_t n) {
-  const int64_t full = n - n % 8;
-  for (int64_t i = 0; i < full; i += 8) {
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
-    const __m256i w = _mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16);
-    _mm256_storeu_ps(out + i, _mm256_castsi256_ps(w));
-  }
-  for (int64_t i = full; i < n; ++i) {
-    const uint32_t bits = static_cast<uint32_t>(src[i]) << 16;
-    std::memcpy(out + i, &bits, sizeof(float));
-  }
-}
-
-__attribute__((target("avx2,f16c"))) void widen_f16_avx2(const uint16_t* src, float* out, int64_t n) {
-  const int64_t full = n - n % 8;
-  for (int64_t i = 0; i < full; i += 8) {
-    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
-  }
-  for (int64_t i = full; i < n; ++i) out[i] = static_cast<float>(c10::Half(src[i], c10::Half::from_bits()));
-}
-
 bool cpu_has_avx2() {
   static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                           __builtin_cpu_supports("f16c");
@@ -229,19 +253,7 @@ bool cpu_has_avx2() {
 bool cpu_has_avx2() { return false; }
 #endif
 
-Moments<double> batch_moments(const float* x, int64_t n) {
-#ifdef GG_HAVE_AVX2_PATH
-  if (cpu_has_avx2()) return batch_moments_avx2(x, n);
-#endif
-  return batch_moments_portable(x, n);
-}
-
-Moments<double> batch_moments(const double* x, int64_t n) { return batch_moments_portable(x, n); }
-
 void widen(const uint16_t* bf16_bits, float* out, int64_t n) {
-#ifdef GG_HAVE_AVX2_PATH
-  if (cpu_has_avx2()) return widen_bf16_avx2(bf16_bits, out, n);
-#endif
   for (int64_t i = 0; i < n; ++i) {
     const uint32_t bits = static_cast<uint32_t>(bf16_bits[i]) << 16;
     std::memcpy(out + i, &bits, sizeof(float));
@@ -249,36 +261,33 @@ void widen(const uint16_t* bf16_bits, float* out, int64_t n) {
 }
 
 void widen(const c10::Half* src, float* out, int64_t n) {
-#ifdef GG_HAVE_AVX2_PATH
-  if (cpu_has_avx2()) return widen_f16_avx2(reinterpret_cast<const uint16_t*>(src), out, n);
-#endif
   for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(src[i]);
+}
+
+Moments<double> batch_moments(const PlannedTensor& t, int64_t b, int64_t n, float* buf) {
+#ifdef GG_HAVE_AVX2_PATH
+  if (cpu_has_avx2()) {
+    switch (t.type) {
+      case ElemType::kFloat32: return batch_moments_avx2<F32Loader>(static_cast<const float*>(t.data) + b, n, buf);
+      case ElemType::kBFloat16: return batch_moments_avx2<BF16Loader>(static_cast<const uint16_t*>(t.data) + b, n, buf);
+      case ElemType::kFloat16: return batch_moments_avx2<F16Loader>(static_cast<const uint16_t*>(t.data) + b, n, buf);
+      case ElemType::kFloat64: break;
+    }
+  }
+#endif
+  switch (t.type) {
+    case ElemType::kFloat32: return batch_moments_portable(static_cast<const float*>(t.data) + b, n);
+    case ElemType::kFloat64: return batch_moments_portable(static_cast<const double*>(t.data) + b, n);
+    case ElemType::kBFloat16: widen(static_cast<const uint16_t*>(t.data) + b, buf, n); break;
+    case ElemType::kFloat16: widen(static_cast<const c10::Half*>(t.data) + b, buf, n); break;
+  }
+  return batch_moments_portable(buf, n);
 }
 
 Moments<double> range_moments(const PlannedTensor& t, int64_t begin, int64_t end) {
   Moments<double> acc;
   float buf[kBatch];
-  for (int64_t b = begin; b < end; b += kBatch) {
-    const int64_t n = std::min(kBatch, end - b);
-    Moments<double> part;
-    switch (t.type) {
-      case ElemType::kFloat32:
-        part = batch_moments(static_cast<const float*>(t.data) + b, n);
-        break;
-      case ElemType::kFloat64:
-        part = batch_moments(static_cast<const double*>(t.data) + b, n);
-        break;
-      case ElemType::kBFloat16:
-        widen(static_cast<const uint16_t*>(t.data) + b, buf, n);
-        part = batch_moments(buf, n);
-        break;
-      case ElemType::kFloat16:
-        widen(static_cast<const c10::Half*>(t.data) + b, buf, n);
-        part = batch_moments(buf, n);
-        break;
-    }
-    merge_into(acc, part);
-  }
+  for (int64_t b = begin; b < end; b += kBatch) merge_into(acc, batch_moments(t, b, std::min(kBatch, end - b), buf));
   return acc;
 }
 
