@@ -5,6 +5,9 @@ import math
 import pytest
 import torch
 
+# Small tensors on a shared 2-core box: OpenMP spinning costs more than it gives.
+torch.set_num_threads(1)
+
 from gradgeom import ops, reference
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
