@@ -13,8 +13,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     from gradgeom.demo import DemoConfig, run_demo
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     overrides = {"mode": args.mode, "seed": args.seed}
     if args.steps is not None:
         overrides["steps"] = args.steps
@@ -34,7 +33,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     demo.add_argument("--mode", default="sketch", choices=["moments", "sketch", "exact", "microbatch"],
                       help="estimator mode (default sketch)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    demo.add_argument("--threads", type=int, default=1,
+                      help="torch CPU threads (default 1: the model is tiny, more threads mostly spin)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     demo.set_defaults(func=_demo)
     args = parser.parse_args(argv)
