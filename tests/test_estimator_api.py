@@ -299,17 +299,18 @@ def test_parameters_without_gradients_in_some_steps(mode):
     assert est.quality()["layers.2"].sample_count == 7
 
 
-def test_torch_compile_model():
+@pytest.mark.parametrize("mode", ["sketch", "microbatch"])
+def test_torch_compile_model(mode):
     torch.manual_seed(0)
     model = Net()
     compiled = torch.compile(model, backend="aot_eager")
-    est_c = GradientSmoothnessEstimator(compiled, sketch_dim=128)
+    est_c = GradientSmoothnessEstimator(compiled, mode=mode, sketch_dim=128)
     assert est_c.group_names == ["embed", "layers.0", "layers.1", "head"]
     data = batches(3)
-    run(compiled, est_c, data)
+    run(compiled, est_c, data, micro=2)
     est_c.remove()
-    est_e = GradientSmoothnessEstimator(model, sketch_dim=128)
-    run(model, est_e, data)
+    est_e = GradientSmoothnessEstimator(model, mode=mode, sketch_dim=128)
+    run(model, est_e, data, micro=2)
     same_quality(est_c.quality(), est_e.quality(), exact=False)
 
 
