@@ -27,7 +27,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="gradgeom", description="Geometry of training, measured while it happens.")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="LoRA-train a tiny random Llama offline and report gradient SNR per layer")
-    demo.add_argument("--steps", type=int, default=None, help="optimizer steps (default 300; 30 with --quick)")
+    demo.add_argument("--steps", type=int, default=None, help="optimizer steps (default 200; 20 with --quick)")
     demo.add_argument("--out", default="gradgeom_demo_out", help="folder for metrics.jsonl and snr.png")
     demo.add_argument("--quick", action="store_true", help="a smaller model and fewer steps (a few seconds)")
     demo.add_argument("--mode", default="sketch", choices=["moments", "sketch", "exact", "microbatch"],

@@ -106,4 +106,4 @@ def test_cpu_and_gpu_estimates_agree_and_state_moves(mode):
     ec2 = GradientSmoothnessEstimator(cpu_model, mode=mode, sketch_dim=1024, attach=False)
     ec2.load_state_dict(eg.state_dict())
     for k, v in ec2.quality().items():
-        assert v.snr == pytest.approx(qg[k].snr, rel=1e-12)
+        assert v.snr == pytest.approx(qg[k].snr, rel=1e-6)
