@@ -428,3 +428,21 @@ def test_bad_arguments():
         est.set_grad_scale(0.0)
     with pytest.raises(TypeError, match="scale must be a float or a tensor"):
         est.set_grad_scale("big")
+
+
+def test_bf16_autocast_and_bf16_parameters_on_cpu():
+    torch.manual_seed(0)
+    model = Net()
+    est = GradientSmoothnessEstimator(model, sketch_dim=64)
+    for batch in batches(3):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = loss_fn(model, batch)
+        loss.backward()
+        est.step()
+        model.zero_grad(set_to_none=True)
+    assert all(q.sample_count == 3 and q.grad_norm > 0 for q in est.quality().values())
+    est.remove()
+    model = Net().to(torch.bfloat16)  # bf16 gradients straight into the kernels
+    est = GradientSmoothnessEstimator(model, mode="exact")
+    run(model, est, batches(3))
+    assert all(q.sample_count == 3 and q.variance >= 0 for q in est.quality().values())
