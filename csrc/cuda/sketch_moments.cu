@@ -9,7 +9,7 @@
 // When k/8 < blockDim, the block splits the folds among F = blockDim / (k/8) lanes, merged in
 // shared memory in lane order. The same loads feed fp32 moment accumulators (Chan merges, fp64
 // block merge). Each block writes a k-float partial sketch and a moments partial.
-// Launch 2: per group, each bucket's partials are summed in chunk order in fp64, and the moments
+// Launch 2: per group, each bucket's partials are summed in fp64 in a fixed order, and the moments
 // partials merged. Bitwise deterministic; current stream; nothing waits for the device.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -263,27 +263,42 @@ ChunkKernel pick_chunk_kernel(int kind_sel, int64_t sketch_dim) {
   return pick_chunk_kernel<1>(kind_sel);
 }
 
-// grid (num_groups, k / blockDim + 1): the last y-slice merges moments, the others sum buckets.
+constexpr int kBucketsPerBlock = 32;
+constexpr int kChunkLanes = kThreads / kBucketsPerBlock;  // 8
+
+// grid (num_groups, k / kBucketsPerBlock + 1). A block sums 32 buckets' partials; its 8 warps take
+// the chunks round-robin (warp w: chunks first + w, first + w + 8, ...; four running sums each, so
+// many loads are in flight) and the 8 warp sums are added in warp order: fixed order, deterministic.
+// The last y-slice merges the moments partials.
 __global__ void __launch_bounds__(kThreads) sketch_group_kernel(const float* sk_partials, const double* mom_partials,
                                                                 const int64_t* group_chunk_begin, int log2k,
                                                                 double* sk_out, double* mom_out) {
   __shared__ Moments<double> scratch[kThreads / 32];
+  __shared__ double lane_sums[kChunkLanes][kBucketsPerBlock];
   const int64_t g = blockIdx.x;
   const int64_t k = int64_t(1) << log2k;
   const int64_t first = group_chunk_begin[g];
   const int64_t last = group_chunk_begin[g + 1];
   if (blockIdx.y + 1 < gridDim.y) {
-    const int64_t b = int64_t(blockIdx.y) * kThreads + threadIdx.x;
+    const int bl = threadIdx.x % kBucketsPerBlock;
+    const int lane = threadIdx.x / kBucketsPerBlock;
+    const int64_t b = int64_t(blockIdx.y) * kBucketsPerBlock + bl;
+    double s[4] = {0.0, 0.0, 0.0, 0.0};
     if (b < k) {
-      // Four independent running sums (chunk index mod 4) keep loads in flight; fixed order.
-      double s[4] = {0.0, 0.0, 0.0, 0.0};
-      int64_t c = first;
-      for (; c + 4 <= last; c += 4) {
+      int64_t c = first + lane;
+      for (; c + 3 * kChunkLanes < last; c += 4 * kChunkLanes) {
 #pragma unroll
-        for (int u = 0; u < 4; ++u) s[u] += static_cast<double>(sk_partials[((c + u) << log2k) + b]);
+        for (int u = 0; u < 4; ++u) s[u] += static_cast<double>(sk_partials[((c + u * kChunkLanes) << log2k) + b]);
       }
-      for (int u = 0; c < last; ++c, ++u) s[u] += static_cast<double>(sk_partials[(c << log2k) + b]);
-      sk_out[g * k + b] = (s[0] + s[1]) + (s[2] + s[3]);
+      for (; c < last; c += kChunkLanes) s[0] += static_cast<double>(sk_partials[(c << log2k) + b]);
+    }
+    lane_sums[lane][bl] = (s[0] + s[1]) + (s[2] + s[3]);
+    __syncthreads();
+    if (lane == 0 && b < k) {
+      double total = 0.0;
+#pragma unroll
+      for (int l = 0; l < kChunkLanes; ++l) total += lane_sums[l][bl];
+      sk_out[g * k + b] = total;
     }
   } else {
     Moments<double> m;
@@ -331,7 +346,8 @@ std::tuple<at::Tensor, at::Tensor> sketch_moments_cuda(at::TensorList tensors, c
       reinterpret_cast<const SketchDeviceTensor*>(meta.data_ptr<int64_t>()), static_cast<int>(num_tensors), h, log2k,
       sk_partials.data_ptr<float>(), mom_partials.data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const dim3 grid(static_cast<unsigned>(num_groups), static_cast<unsigned>((sketch_dim + kThreads - 1) / kThreads + 1));
+  const dim3 grid(static_cast<unsigned>(num_groups),
+                  static_cast<unsigned>((sketch_dim + kBucketsPerBlock - 1) / kBucketsPerBlock + 1));
   sketch_group_kernel<<<grid, kThreads, 0, stream>>>(sk_partials.data_ptr<float>(), mom_partials.data_ptr<double>(),
                                                      meta.data_ptr<int64_t>() + num_tensors * 6, log2k,
                                                      sketch.data_ptr<double>(), moments.data_ptr<double>());
