@@ -436,8 +436,10 @@ class GradientSmoothnessEstimator:
                 if p.grad is None:
                     continue
                 mu = self._state[f"mu.{gi}.{pi}"]
-                clean = torch.nan_to_num(p.grad.detach().to(torch.float32), nan=0.0, posinf=0.0, neginf=0.0)
-                mu.mul_(factor[gi]).add_(clean.mul_(weight[gi]))
+                # NaN/Inf zeroed (a skipped step has weight 0, and 0 * NaN would still be NaN);
+                # addcmul_ computes in mu's float32 whatever the gradient's dtype.
+                clean = torch.nan_to_num(p.grad.detach(), nan=0.0, posinf=0.0, neginf=0.0)
+                mu.mul_(factor[gi]).addcmul_(clean, weight[gi])
 
     def _update_microbatch(self, present: Sequence[bool], mom: torch.Tensor, upd_f: torch.Tensor,
                            inv: Optional[torch.Tensor]) -> None:
