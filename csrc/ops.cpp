@@ -17,6 +17,11 @@ TORCH_LIBRARY(gradgeom, m) {
   // Returns float64 [num_groups, 6]: count of finite elements, sum, sum of squares,
   // M2 = sum((x - mean)^2), max |x| over finite elements, count of non-finite elements.
   m.def("group_moments(Tensor[] tensors, int[] group_ids, int num_groups) -> Tensor");
+  // sketch_moments: group_moments plus a count-sketch of each group in the same pass.
+  // offsets[i]: index of tensors[i]'s first element in its group's concatenation. sketch_dim: a
+  // power of two in [8, 8192]. Returns (float64 [num_groups, 6] moments as group_moments,
+  // float64 [num_groups, sketch_dim] sketch y = S g; non-finite elements are left out of y).
+  m.def("sketch_moments(Tensor[] tensors, int[] group_ids, int[] offsets, int num_groups, int sketch_dim, int seed) -> (Tensor, Tensor)");
   // gradgeom-schemas: each new op adds its m.def line above this comment.
 }
 

@@ -10,3 +10,9 @@ from gradgeom import ops, reference
 __version__ = "0.1.0"
 
 __all__ = ["compiled_with_cuda", "ops", "reference", "__version__"]
+
+# --- estimator (issue 3) ---
+from gradgeom.quality import LayerGradientQuality, SmoothnessThresholds  # noqa: E402
+from gradgeom.estimator import GradientSmoothnessEstimator  # noqa: E402
+
+__all__ += ["GradientSmoothnessEstimator", "LayerGradientQuality", "SmoothnessThresholds"]

@@ -98,3 +98,98 @@ def _group_moments_fake(tensors, group_ids, num_groups):
     torch._check(num_groups >= 1, lambda: f"group_moments: num_groups must be >= 1, got {num_groups}")
     device = tensors[0].device if len(tensors) else torch.device("cpu")
     return torch.empty((num_groups, 6), dtype=torch.float64, device=device)
+
+
+# --- sketch_moments (issue 3) ---------------------------------------------------------------
+
+__all__ += ["sketch_moments", "SKETCH_DIM_RANGE"]
+
+#: Allowed ``sketch_dim`` values: powers of two in this closed range.
+SKETCH_DIM_RANGE = (8, 8192)
+
+
+def check_sketch_dim(op: str, sketch_dim: int) -> int:
+    """Validate ``sketch_dim`` (a power of two in :data:`SKETCH_DIM_RANGE`) and return it as int."""
+    if isinstance(sketch_dim, bool) or not isinstance(sketch_dim, int):
+        raise TypeError(f"{op}: sketch_dim must be an int, got {type(sketch_dim).__name__}")
+    lo, hi = SKETCH_DIM_RANGE
+    if not (lo <= sketch_dim <= hi and sketch_dim & (sketch_dim - 1) == 0):
+        raise ValueError(f"{op}: sketch_dim must be a power of two in [{lo}, {hi}], got {sketch_dim}")
+    return sketch_dim
+
+
+def concat_offsets(tensors: Sequence[torch.Tensor], group_ids: Sequence[int]) -> list[int]:
+    """Offset of each tensor in its group's concatenation, tensors taken in list order."""
+    next_offset: dict[int, int] = {}
+    offsets = []
+    for t, g in zip(tensors, group_ids):
+        offsets.append(next_offset.get(g, 0))
+        next_offset[g] = offsets[-1] + t.numel()
+    return offsets
+
+
+def sketch_moments(
+    tensors: Sequence[torch.Tensor],
+    group_ids: Optional[Sequence[int]] = None,
+    num_groups: Optional[int] = None,
+    *,
+    offsets: Optional[Sequence[int]] = None,
+    sketch_dim: int = 4096,
+    seed: int = 0,
+    device: Union[torch.device, str, None] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group moments and a count-sketch of every group, in one fused pass over the data.
+
+    Element ``i`` of a group is the element at position ``offsets[t] + j`` of the group's
+    concatenation when it is element ``j`` (row-major) of ``tensors[t]``. Its sketch bucket is a
+    rotated fold, ``(i % k + 8 * r(i // k)) % k`` with a hashed rotation ``r``, and its sign a
+    pairwise-independent hash of ``i`` (``csrc/include/gradgeom/sketch_hash.h``); the same
+    ``seed`` gives the same sketch on CPU and CUDA, so ``‖y‖²`` is an unbiased estimate of
+    ``‖g‖²`` with relative standard deviation about ``sqrt(2 / k)``.
+
+    Args:
+        tensors: float32 / float64 / float16 / bfloat16 tensors, any shapes, one device.
+        group_ids: group of each tensor in ``[0, num_groups)``; default one group.
+        num_groups: default ``max(group_ids) + 1``.
+        offsets: start of each tensor in its group's concatenation (ints >= 0); default: the
+            tensors concatenated in list order within each group.
+        sketch_dim: k, a power of two in :data:`SKETCH_DIM_RANGE`.
+        seed: selects the hash functions (any int).
+        device: where the results live when ``tensors`` is empty (default CPU).
+
+    Returns:
+        ``(moments, sketch)``: float64 ``[num_groups, 6]`` with the columns of
+        :func:`group_moments`, and float64 ``[num_groups, sketch_dim]`` with y = S·g (non-finite
+        elements are counted in ``moments[:, 5]`` and left out of y). Deterministic; never
+        synchronises with the GPU.
+    """
+    tensors = _check_tensor_list("sketch_moments", tensors)
+    ids, num_groups = _resolve_groups("sketch_moments", len(tensors), group_ids, num_groups)
+    sketch_dim = check_sketch_dim("sketch_moments", sketch_dim)
+    if offsets is None:
+        offs = concat_offsets(tensors, ids)
+    else:
+        offs = [int(o) for o in offsets]
+        if len(offs) != len(tensors):
+            raise ValueError(
+                f"sketch_moments: offsets must have one entry per tensor: got {len(offs)} offsets for {len(tensors)} tensors"
+            )
+        for i, o in enumerate(offs):
+            if o < 0:
+                raise ValueError(f"sketch_moments: offsets[{i}] = {o} must be >= 0")
+    if not tensors:
+        return (
+            torch.zeros((num_groups, 6), dtype=torch.float64, device=device),
+            torch.zeros((num_groups, sketch_dim), dtype=torch.float64, device=device),
+        )
+    return torch.ops.gradgeom.sketch_moments(tensors, ids, offs, num_groups, sketch_dim, int(seed))
+
+
+@torch.library.register_fake("gradgeom::sketch_moments")
+def _sketch_moments_fake(tensors, group_ids, offsets, num_groups, sketch_dim, seed):
+    torch._check(num_groups >= 1, lambda: f"sketch_moments: num_groups must be >= 1, got {num_groups}")
+    device = tensors[0].device if len(tensors) else torch.device("cpu")
+    return (
+        torch.empty((num_groups, 6), dtype=torch.float64, device=device),
+        torch.empty((num_groups, sketch_dim), dtype=torch.float64, device=device),
+    )

@@ -53,3 +53,89 @@ def group_moments(
         else:
             out[g, 5] = float((~finite).sum())
     return out.to(out_device)
+
+
+# --- sketch_moments (issue 3) ---------------------------------------------------------------
+
+__all__ += ["sketch_moments", "sketch_buckets_and_signs"]
+
+_U64 = (1 << 64) - 1
+
+
+def _sketch_hash_coefficients(seed: int) -> list[int]:
+    """The six splitmix64 draws of ``make_sketch_hash`` (sketch_hash.h), as Python ints."""
+    state = int(seed) & _U64
+    out = []
+    for _ in range(6):
+        state = (state + 0x9E3779B97F4A7C15) & _U64
+        z = state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _U64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _U64
+        out.append(z ^ (z >> 31))
+    return out
+
+
+def sketch_buckets_and_signs(n: int, sketch_dim: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bucket (int64 ``[n]``) and sign (float64 ``[n]``, ±1) of group indices ``0..n-1``.
+
+    The rotated-fold count-sketch of ``sketch_hash.h``, written out with numpy uint64 arithmetic.
+    """
+    import numpy as np
+
+    a_lo, a_hi, a_add, c_lo, c_hi, c_add = (np.uint64(c) for c in _sketch_hash_coefficients(seed))
+    k = int(sketch_dim)
+    log2k = k.bit_length() - 1
+    g8_log2 = log2k - 3
+    i = np.arange(n, dtype=np.uint64)
+    lo32 = np.uint64(0xFFFFFFFF)
+    with np.errstate(over="ignore"):
+        sign_word = a_lo * (i & lo32) + a_hi * (i >> np.uint64(32)) + a_add
+        fold = i >> np.uint64(log2k)
+        if g8_log2 == 0:
+            rot = np.zeros_like(fold)
+        else:
+            rot_word = c_lo * (fold & lo32) + c_hi * (fold >> np.uint64(32)) + c_add
+            rot = (rot_word >> np.uint64(64 - g8_log2)) << np.uint64(3)
+    kmask = np.uint64(k - 1)
+    bucket = ((i & kmask) + rot) & kmask
+    sign = np.where((sign_word >> np.uint64(63)) != 0, -1.0, 1.0)
+    return torch.from_numpy(bucket.astype(np.int64)), torch.from_numpy(sign)
+
+
+def sketch_moments(
+    tensors: Sequence[torch.Tensor],
+    group_ids: Optional[Sequence[int]] = None,
+    num_groups: Optional[int] = None,
+    *,
+    offsets: Optional[Sequence[int]] = None,
+    sketch_dim: int = 4096,
+    seed: int = 0,
+    device: Union[torch.device, str, None] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference for :func:`gradgeom.ops.sketch_moments`: ``(float64 [G, 6], float64 [G, k])``.
+
+    Moments as :func:`group_moments`; the sketch sums ``sign(i) * x_i`` into ``bucket(i)`` over
+    the finite elements, with ``i`` the element's index in its group's concatenation.
+    """
+    tensors = list(tensors)
+    ids = [0] * len(tensors) if group_ids is None else [int(g) for g in group_ids]
+    if num_groups is None:
+        num_groups = max(ids, default=0) + 1
+    if offsets is None:
+        next_offset: dict[int, int] = {}
+        offsets = []
+        for t, g in zip(tensors, ids):
+            offsets.append(next_offset.get(g, 0))
+            next_offset[g] = offsets[-1] + t.numel()
+    out_device = tensors[0].device if tensors else device
+    moments = group_moments(tensors, ids, num_groups, device=device).cpu()
+    sketch = torch.zeros((num_groups, sketch_dim), dtype=torch.float64)
+    for t, g, off in zip(tensors, ids, offsets):
+        x = t.detach().reshape(-1).to("cpu", torch.float64)
+        if x.numel() == 0:
+            continue
+        bucket, sign = sketch_buckets_and_signs(int(off) + x.numel(), sketch_dim, seed)
+        bucket, sign = bucket[int(off):], sign[int(off):]
+        finite = torch.isfinite(x)
+        sketch[g].index_add_(0, bucket[finite], sign[finite] * x[finite])
+    return moments.to(out_device), sketch.to(out_device)
