@@ -216,7 +216,7 @@ class PauseController:
             self._lr_hooks.remove()
         self._optimizer = inner
         self._lr_hooks = LRScaleHooks(inner)
-        self._lr_hooks.scale = self.lr_scale
+        self._lr_hooks.set_scale(self.lr_scale)
 
     def close(self) -> None:
         """Remove the optimizer hooks and close an audit file the controller opened."""
@@ -475,7 +475,7 @@ class PauseController:
                 f"PauseController.apply: decision {decision.action.value} at step {decision.step} needs an optimizer; "
                 "pass optimizer= or call bind_optimizer()")
         if self._lr_hooks is not None:
-            self._lr_hooks.scale = decision.lr_scale
+            self._lr_hooks.set_scale(decision.lr_scale)
         if decision.action is Action.SKIP_STEP:
             drop_gradients(self._optimizer)
         elif decision.accumulate > 1:
@@ -565,7 +565,7 @@ class PauseController:
         self._last_read = None
         self._stash.load_state_dict(state["stash"])
         if self._lr_hooks is not None:
-            self._lr_hooks.scale = self.lr_scale
+            self._lr_hooks.set_scale(self.lr_scale)
 
 
 class _AuditLog:

@@ -35,24 +35,46 @@ def _is_plain_optimizer(obj: Any) -> bool:
 
 
 class LRScaleHooks:
-    """Multiplies every param group's ``lr`` by ``scale`` for the duration of ``optimizer.step()``."""
+    """Multiplies every param group's ``lr`` by ``scale`` for the duration of ``optimizer.step()``.
+
+    :meth:`set_scale` may also be called *inside* ``step()`` (Lightning runs the closure with
+    forward, backward and ``on_before_optimizer_step`` inside ``optimizer.step``, after the
+    pre-hook): the new scale then applies to this step's update, which torch optimizers compute
+    after the closure returns.
+    """
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
         self.optimizer = optimizer
         self.scale = 1.0
         self._saved: Optional[list[Any]] = None
+        self._modified = False
         self._handles = [
             optimizer.register_step_pre_hook(self._pre),
             optimizer.register_step_post_hook(self._post),
         ]
 
+    def set_scale(self, scale: float) -> None:
+        """Use ``scale`` from now on (and for the step in progress, if any)."""
+        self.scale = float(scale)
+        if self._saved is not None:
+            self._write()
+
+    def _write(self) -> None:
+        if self.scale == 1.0:
+            if self._modified:
+                for group, lr in zip(self.optimizer.param_groups, self._saved):
+                    group["lr"] = lr
+                self._modified = False
+            return
+        for group, lr in zip(self.optimizer.param_groups, self._saved):
+            group["lr"] = lr * self.scale
+        self._modified = True
+
     def _pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self._restore()  # a previous step() that raised never reached its post-hook
-        if self.scale == 1.0:
-            return
         self._saved = [group["lr"] for group in optimizer.param_groups]
-        for group in optimizer.param_groups:
-            group["lr"] = group["lr"] * self.scale
+        self._modified = False
+        self._write()
 
     def _post(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self._restore()
@@ -60,9 +82,11 @@ class LRScaleHooks:
     def _restore(self) -> None:
         if self._saved is None:
             return
-        for group, lr in zip(self.optimizer.param_groups, self._saved):
-            group["lr"] = lr
+        if self._modified:
+            for group, lr in zip(self.optimizer.param_groups, self._saved):
+                group["lr"] = lr
         self._saved = None
+        self._modified = False
 
     def remove(self) -> None:
         """Detach the hooks (restoring any LR they changed)."""
@@ -112,7 +136,7 @@ class GradientStash:
             if self.buffers[i] is None:
                 self.buffers[i] = p.grad.detach().clone()
             else:
-                self.buffers[i].add_(p.grad)
+                self._to_grad_device(i, p.grad).add_(p.grad)
         self.count += 1
         if self.count >= k:
             self._write_mean(params)
@@ -127,11 +151,17 @@ class GradientStash:
         params = _params(optimizer)
         for i, p in enumerate(params):
             if p.grad is not None and self.buffers[i] is not None:
-                self.buffers[i].add_(p.grad)
+                self._to_grad_device(i, p.grad).add_(p.grad)
             elif p.grad is not None:
                 self.buffers[i] = p.grad.detach().clone()
         self.count += 1
         self._write_mean(params)
+
+    def _to_grad_device(self, i: int, grad: torch.Tensor) -> torch.Tensor:
+        buf = self.buffers[i]
+        if buf.device != grad.device or buf.dtype != grad.dtype:
+            buf = self.buffers[i] = buf.to(device=grad.device, dtype=grad.dtype)
+        return buf
 
     def _write_mean(self, params: list[torch.Tensor]) -> None:
         for p, buf in zip(params, self.buffers):

@@ -160,3 +160,28 @@ def test_rebinding_optimizer_moves_hooks():
     ctrl.close()
     o2.step()
     assert seen[-1] == ("o2", 1.0)
+
+
+def test_decision_taken_inside_a_step_closure_applies_to_that_step():
+    # Lightning's order: optimizer.step(closure) runs the pre-hook, then the closure
+    # (forward, backward, on_before_optimizer_step), then the update.
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = torch.optim.SGD([p], lr=1.0)
+    est = ScriptedEstimator()
+    ctrl = PauseController(est, optimizer=opt, policy=PausePolicy(**{**BASE, "patience": 1}), apply=True,
+                           system=FakeMachine(), sleep=None)
+
+    def closure(snr):
+        def run():
+            p.grad = torch.ones(3)
+            est.set(snr)
+            ctrl.update()
+            return torch.tensor(0.0)
+        return run
+
+    opt.step(closure(0.01))
+    assert torch.equal(p.detach(), torch.full((3,), -0.5))
+    assert opt.param_groups[0]["lr"] == 1.0
+    opt.step(closure(0.2))  # between the thresholds: the scale stays 0.5
+    assert torch.equal(p.detach(), torch.full((3,), -1.0))
+    assert opt.param_groups[0]["lr"] == 1.0
