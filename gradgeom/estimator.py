@@ -329,7 +329,7 @@ class GradientSmoothnessEstimator:
         elif isinstance(scale, (int, float)) and not isinstance(scale, bool):
             if not (math.isfinite(scale) and scale > 0):
                 raise ValueError(f"set_grad_scale: scale must be finite and > 0, got {scale}")
-            self._scale = torch.tensor(float(scale), dtype=torch.float64)
+            self._scale = self._to_device(torch.tensor(float(scale), dtype=torch.float64))
         else:
             raise TypeError(f"set_grad_scale: scale must be a float or a tensor, got {type(scale).__name__}")
 

@@ -25,13 +25,13 @@ namespace {
 
 constexpr int kLanes = 16;
 
-// Moments of a buffer of n values (non-finite ones counted apart), two passes over the buffer.
+// Moments of a buffer of n values (non-finite ones counted apart), two passes over the buffer;
+// kLanes independent lanes so the compiler emits SIMD code.
 template <typename T>
 Moments<double> buffer_moments(const T* x, int64_t n) {
   T s[kLanes] = {}, ss[kLanes] = {}, c[kLanes] = {}, mx[kLanes] = {}, nf[kLanes] = {};
-  for (int64_t i = 0; i < n; ++i) {
-    const int l = static_cast<int>(i % kLanes);
-    const T v = x[i];
+  const int64_t full = n - n % kLanes;
+  auto add = [&](int l, T v) {
     const bool finite = (v - v) == T(0);
     const T y = finite ? v : T(0);
     s[l] += y;
@@ -40,7 +40,11 @@ Moments<double> buffer_moments(const T* x, int64_t n) {
     nf[l] += finite ? T(0) : T(1);
     const T a = std::fabs(y);
     mx[l] = a > mx[l] ? a : mx[l];
+  };
+  for (int64_t i = 0; i < full; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) add(l, x[i + l]);
   }
+  for (int64_t i = full; i < n; ++i) add(0, x[i]);
   Moments<double> m;
   for (int l = 0; l < kLanes; ++l) {
     m.count += c[l];
@@ -52,11 +56,14 @@ Moments<double> buffer_moments(const T* x, int64_t n) {
   if (m.count > 0) {
     const T mean = static_cast<T>(m.sum / m.count);
     T m2[kLanes] = {};
-    for (int64_t i = 0; i < n; ++i) {
-      const T v = x[i];
+    auto dev = [&](int l, T v) {
       const T d = (v - v) == T(0) ? v - mean : T(0);
-      m2[i % kLanes] += d * d;
+      m2[l] += d * d;
+    };
+    for (int64_t i = 0; i < full; i += kLanes) {
+      for (int l = 0; l < kLanes; ++l) dev(l, x[i + l]);
     }
+    for (int64_t i = full; i < n; ++i) dev(0, x[i]);
     double total = 0;
     for (int l = 0; l < kLanes; ++l) total += m2[l];
     const double shift = m.sum / m.count - static_cast<double>(mean);
@@ -64,6 +71,19 @@ Moments<double> buffer_moments(const T* x, int64_t n) {
     if (m.m2 < 0) m.m2 = 0;
   }
   return m;
+}
+
+// sk[bucket0 + e] += sign(i0 + e) * x[e] for e < n (finite x only). The sign words of a fold
+// differ by a_lo from one element to the next: folds never straddle a multiple of 2^32.
+template <typename T>
+void add_signed_run(const T* x, int64_t n, uint64_t word0, uint64_t a_lo, double* sk) {
+  uint64_t w = word0;
+  for (int64_t e = 0; e < n; ++e, w += a_lo) {
+    const T v = x[e];
+    const T y = (v - v) == T(0) ? v : T(0);
+    const double sign = 1.0 - 2.0 * static_cast<double>(w >> 63);
+    sk[e] += sign * static_cast<double>(y);
+  }
 }
 
 // Loads elements [begin, begin + n) of a tensor into `out`, widened to T.
@@ -112,13 +132,14 @@ Moments<double> chunk_sketch(const SketchPlannedTensor& t, int64_t begin, int64_
     load_values<T>(t, a - t.offset, n, buf.data());
     merge_into(acc, buffer_moments<T>(buf.data(), n));
     const uint64_t rot = fold_rotation_groups(h, static_cast<uint64_t>(fold), g8_log2) << 3;
-    for (int64_t e = 0; e < n; ++e) {
-      const T v = buf[e];
-      if (!((v - v) == T(0))) continue;  // non-finite: counted in the moments, kept out of the sketch
-      const uint64_t i = static_cast<uint64_t>(a + e);
-      const uint64_t bucket = ((i & kmask) + rot) & kmask;
-      const bool negative = (sign_word(h, i) >> 63) != 0;
-      sk[bucket] += negative ? -static_cast<double>(v) : static_cast<double>(v);
+    // Positions p < k - rot go to bucket p + rot, the rest wrap to p + rot - k.
+    const int64_t p0 = a & static_cast<int64_t>(kmask);
+    const int64_t split = std::min<int64_t>(n, std::max<int64_t>(0, k - static_cast<int64_t>(rot) - p0));
+    const uint64_t w0 = sign_word(h, static_cast<uint64_t>(a));
+    add_signed_run<T>(buf.data(), split, w0, h.a_lo, sk + ((p0 + rot) & kmask));
+    if (split < n) {
+      add_signed_run<T>(buf.data() + split, n - split, w0 + static_cast<uint64_t>(split) * h.a_lo, h.a_lo,
+                        sk + ((p0 + split + rot) & kmask));
     }
     a = b;
   }
