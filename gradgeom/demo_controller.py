@@ -171,7 +171,7 @@ def run_controller_demo(
         bar.close()
     controller.close()
     seconds = time.perf_counter() - start
-    plot_path = _plot(records, noisy, out / "controller.png") if plot else None
+    plot_path = _plot(records, noisy, controller.policy, out / "controller.png") if plot else None
     if print_table:
         print(format_table(records, every=max(1, steps // 15)))
     return ControllerDemoResult(records, decisions, metrics_path, audit_path, plot_path, seconds)
@@ -201,7 +201,7 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, desc="gradgeom controller demo", leave=False)
 
 
-def _plot(records: list[dict[str, Any]], noisy: range, path: Path) -> Optional[Path]:
+def _plot(records: list[dict[str, Any]], noisy: range, policy: PausePolicy, path: Path) -> Optional[Path]:
     try:
         import matplotlib
 
@@ -213,6 +213,8 @@ def _plot(records: list[dict[str, Any]], noisy: range, path: Path) -> Optional[P
     fig, ax = plt.subplots(figsize=(9, 4.5))
     ax.axvspan(noisy.start + 1, noisy.stop, color="0.9", label="label noise phase")
     ax.plot(steps, [r["snr"] for r in records], color="tab:blue", label="global SNR (temporal)")
+    ax.axhline(policy.snr_enter, color="tab:blue", linestyle=":", linewidth=1, label=f"snr_enter {policy.snr_enter:g}")
+    ax.axhline(policy.snr_exit, color="tab:blue", linestyle="--", linewidth=1, label=f"snr_exit {policy.snr_exit:g}")
     ax.set_yscale("log")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("SNR")
