@@ -247,10 +247,14 @@ class PauseController:
         signals.update(self._system_dict())
         user_action = self._check_user(events)
 
-        nonfinite = signals["nonfinite"] > 0
+        fresh = self._estimator_fresh()
+        nonfinite = fresh and signals["nonfinite"] > 0
         snr_action, snr_reason = Action.CONTINUE, ""
         stop_reason = ""
-        if not nonfinite:
+        if not fresh:
+            if self.lr_scale != 1.0 and not self._low.active:
+                snr_action, snr_reason = self._recover()
+        elif not nonfinite:
             if t > p.warmup_steps:
                 snr_action, snr_reason = self._snr_rule(snr, t, events)
                 stop_reason = self._plateau_rule(snr, signals["grad_norm"], t)
@@ -293,6 +297,15 @@ class PauseController:
         if self.apply_decisions:
             self.apply(decision)
         return decision
+
+    def _estimator_fresh(self) -> bool:
+        """False when the estimator skipped this step (``every=N``): its numbers are the last
+        computed step's, so gradient rules must not count them again."""
+        every = getattr(self.estimator, "every", 1)
+        count = getattr(self.estimator, "_step_count", None)
+        if not isinstance(every, int) or every <= 1 or not isinstance(count, int) or count < 1:
+            return True
+        return (count - 1) % every == 0
 
     def _pick_snr(self, signals: Mapping[str, float]) -> float:
         which = self.policy.snr_signal

@@ -227,3 +227,16 @@ def test_audit_log_has_one_json_line_per_non_continue_decision(tmp_path):
     rec = json.loads(buf.getvalue())
     assert rec["step"] == 41 and rec["action"] == "skip_step"
     assert rec["signals"]["gpu_memory_fraction"] is None  # NaN is written as null, valid JSON
+
+
+def test_steps_the_estimator_skipped_are_not_counted_again():
+    # An estimator with every=3 computes on steps 1, 4, 7, ...; in between quality() repeats the
+    # last computed numbers, which must neither advance patience nor re-trigger a skip.
+    est, ctrl = make(**{**BASE, "patience": 2})
+    est.every = 3
+    acts = []
+    for i in range(1, 8):
+        est._step_count = i  # what the estimator's step() leaves after step i
+        est.set(0.01, nonfinite=1 if i == 1 else 0)
+        acts.append(ctrl.update().action)
+    assert acts == [A.SKIP_STEP, A.CONTINUE, A.CONTINUE, A.CONTINUE, A.CONTINUE, A.CONTINUE, A.SCALE_LR]
