@@ -139,6 +139,10 @@ class PauseController:
             device is visible) + psutil, each degrading to "not available".
         user_signal: optional callable ``() -> float`` (higher = worse), thresholds in the policy.
         clock: monotonic clock in seconds (tests pass a fake).
+        broadcast: under ``torch.distributed`` (initialised, world size > 1) every rank adopts rank
+            0's decision (one small ``broadcast_object_list`` per update), so all ranks scale,
+            skip, accumulate, pause and stop together; only rank 0 writes the audit log. Each
+            rank's estimator sees its local gradients, which differ between ranks.
     """
 
     def __init__(
@@ -153,6 +157,7 @@ class PauseController:
         system: Optional[SystemSignalProvider] = None,
         user_signal: Optional[Callable[[], float]] = None,
         clock: Callable[[], float] = time.monotonic,
+        broadcast: bool = True,
     ) -> None:
         if not callable(getattr(estimator, "quality", None)):
             raise TypeError(f"PauseController: estimator must have a quality() method, got {type(estimator).__name__}")
@@ -171,6 +176,7 @@ class PauseController:
         self.system = system if system is not None else default_system_provider()
         self.user_signal = user_signal
         self.clock = clock
+        self.broadcast = bool(broadcast)
         self._audit = _AuditLog(audit_log)
 
         p = policy
@@ -292,11 +298,24 @@ class PauseController:
             event=",".join(events) or None,
             index=t,
         )
-        if decision.action is not Action.CONTINUE or decision.event:
+        decision, is_writer = self._agree(decision)
+        if is_writer and (decision.action is not Action.CONTINUE or decision.event):
             self._audit.write(decision.to_dict())
         if self.apply_decisions:
             self.apply(decision)
         return decision
+
+    def _agree(self, decision: Decision) -> tuple[Decision, bool]:
+        """Rank 0's decision on every rank (see ``broadcast``); returns (decision, writes audit)."""
+        dist = torch.distributed
+        if not (self.broadcast and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return decision, True
+        box = [decision]
+        dist.broadcast_object_list(box, src=0)
+        agreed = box[0]
+        self.lr_scale = agreed.lr_scale
+        self.accumulate = agreed.accumulate
+        return dataclasses.replace(agreed, index=decision.index), dist.get_rank() == 0
 
     def _estimator_fresh(self) -> bool:
         """False when the estimator skipped this step (``every=N``): its numbers are the last
