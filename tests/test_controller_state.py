@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gradgeom import PauseController, PausePolicy
-from controller_fakes import FakeClock, FakeMachine, FakeSleep, ScriptedEstimator
+from controller_fakes import FakeClock, FakeMachine, ScriptedEstimator
 
 SNRS = [1.0, 0.05, 0.05, 0.05, 0.2, 0.5, 0.05, 0.05, 0.05, 0.05, 0.5, 0.5, 0.5, 0.5, 0.5, 0.05, 0.05, 0.05]
 

@@ -63,6 +63,7 @@ def test_pause_respects_min_idle_and_is_bounded_by_cooldown():
     m2 = FakeMachine(temperature=95.0)
     est, ctrl, clock, sl = make(m2, cooldown_seconds=35.0)
     d = ctrl.update()
+    assert d.event == "enter:pause:gpu_temperature"
     assert sl.calls == [10.0, 10.0, 10.0, 5.0]  # never cooled: one pause is at most cooldown_seconds
     d2 = ctrl.update()
     assert d2.action is Action.PAUSE and d2.event is None  # still hot: pause again
