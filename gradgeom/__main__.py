@@ -1,0 +1,5 @@
+"""``python -m gradgeom demo``."""
+
+from gradgeom.cli import main
+
+raise SystemExit(main())
