@@ -15,7 +15,17 @@ if not hasattr(gradgeom, "GradientSmoothnessEstimator"):
 from gradgeom.demo_controller import format_table, run_controller_demo  # noqa: E402
 
 
-def test_controller_demo_reacts_to_label_noise_and_recovers(tmp_path):
+@pytest.fixture
+def one_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the model is tiny: more threads only spin
+    yield
+    torch.set_num_threads(before)
+
+
+def test_controller_demo_reacts_to_label_noise_and_recovers(tmp_path, one_thread):
     steps = 90
     res = run_controller_demo(tmp_path, steps=steps, progress=False, plot=True, print_table=False)
     recs = res.records
@@ -35,3 +45,14 @@ def test_controller_demo_reacts_to_label_noise_and_recovers(tmp_path):
         assert res.plot_path.stat().st_size > 10_000
     table = format_table(recs, every=30)
     assert "*" in table and "snr_enter" in table
+
+
+def test_cli_demo_quick_includes_the_controller_run(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from gradgeom.cli import main
+
+    assert main(["demo", "--quick", "--out", str(tmp_path), "--threads", "1", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "PauseController" in printed and "scale_lr" in printed
+    assert (tmp_path / "controller_audit.jsonl").read_text().strip()
+    assert (tmp_path / "controller.png").stat().st_size > 10_000
