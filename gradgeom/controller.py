@@ -287,6 +287,8 @@ class PauseController:
             action, reasons = Action.SKIP_STEP, [self._user_reason()]
         else:
             action, reasons = snr_action, [snr_reason] if snr_reason else []
+        if action is not snr_action and snr_reason:
+            reasons.append(snr_reason)  # e.g. the LR scale moved during a pause: say why
         decision = Decision(
             step=step,
             action=action,

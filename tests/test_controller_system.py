@@ -96,6 +96,7 @@ def test_nonfinite_outranks_pause_and_pause_outranks_low_snr():
     est.set(0.01)
     d = ctrl.update()
     assert d.action is Action.PAUSE and d.lr_scale == 0.5  # the low-SNR state still moved the scale
+    assert "GPU temperature 99" in d.reason and "LR scale -> 0.5" in d.reason
 
 
 def test_user_signal_pause_skip_and_stop():
