@@ -63,12 +63,29 @@ def _args(out, max_steps, **kw):
         dataloader_num_workers=0, **{"save_strategy": "steps", **kw})
 
 
+class _LRRecorder(transformers.TrainerCallback):
+    """Records the LR the optimizer used inside step() and the scheduler's LR × controller scale."""
+
+    def __init__(self, ctrl):
+        self.ctrl, self.used, self.expected = ctrl, [], []
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kw):
+        inner = optimizer.optimizer  # accelerate's AcceleratedOptimizer wraps the torch optimizer
+        inner.register_step_pre_hook(lambda o, a, k: self.used.append(o.param_groups[0]["lr"]))
+
+    def on_pre_optimizer_step(self, args, state, control, lr_scheduler=None, **kw):
+        self.expected.append(lr_scheduler.get_last_lr()[0] * self.ctrl.lr_scale)
+
+
 def test_trainer_logs_metrics_to_report_to_and_applies_the_controller(tmp_path):
     model, est, ctrl = _parts(audit=tmp_path / "audit.jsonl")
     cb = GradGeomCallback(estimator=est, controller=ctrl)
+    rec = _LRRecorder(ctrl)
     trainer = transformers.Trainer(model=model, args=_args(tmp_path / "run", 6), train_dataset=_Tokens(),
-                                   callbacks=[cb])
+                                   callbacks=[cb, rec])
     trainer.train()
+    assert len(rec.used) == 6 and rec.used == rec.expected  # scheduler value × our scale, inside step()
+    assert rec.used[0] == rec.expected[0] and ctrl.lr_scale < 1.0
     assert trainer.callback_handler.callbacks[0] is cb  # moved before the report_to callbacks
     assert not est.attached
     hist = [h for h in trainer.state.log_history if "loss" in h]
