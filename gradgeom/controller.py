@@ -87,6 +87,9 @@ class Decision:
 def gradient_signals(quality: Mapping[str, Any]) -> dict[str, float]:
     """Pool an estimator's ``quality()`` dict into controller signals.
 
+    SNR here is always per optimizer step: temporal modes report it directly; ``microbatch`` mode
+    reports per-example SNR, so its ``extra["batch_snr"]`` (B times that, clipped at 0) is used.
+
     Returns ``snr_global`` (Σ snr_g·var_g / Σ var_g: the SNR of the concatenated gradient),
     ``snr_min`` (worst group), ``grad_norm`` (‖g‖ of the whole latest gradient), ``nonfinite``
     (non-finite elements over all groups), ``noise_scale`` (largest group B_simple, NaN if no
@@ -100,7 +103,7 @@ def gradient_signals(quality: Mapping[str, Any]) -> dict[str, float]:
     noise_scale = math.nan
     out: dict[str, float] = {}
     for name, q in quality.items():
-        snr = float(q.snr)
+        snr = _step_snr(q)
         var = float(q.variance)
         out[f"snr/{name}"] = snr
         nonfinite += int(q.nonfinite)
@@ -120,6 +123,15 @@ def gradient_signals(quality: Mapping[str, Any]) -> dict[str, float]:
     out["nonfinite"] = float(nonfinite)
     out["noise_scale"] = noise_scale
     return out
+
+
+def _step_snr(q: Any) -> float:
+    if getattr(q, "definition", "") == "microbatch":
+        batch_snr = (getattr(q, "extra", None) or {}).get("batch_snr")
+        if batch_snr is not None:
+            value = float(batch_snr)
+            return max(value, 0.0) if value == value else value
+    return float(q.snr)
 
 
 class PauseController:

@@ -45,8 +45,9 @@ _SNR_SIGNALS = ("global", "min")
 class PausePolicy:
     """Thresholds and responses of the pause controller.
 
-    SNR below means the temporal SNR of DESIGN.md §2 (‖μ‖²/tr Σ of the per-step gradient, as
-    ``LayerGradientQuality.snr`` reports it). The *global* SNR pools groups the way the
+    SNR below means the SNR of the per-step gradient, ‖μ‖²/tr Σ (DESIGN.md §2): the temporal SNR
+    ``LayerGradientQuality.snr`` reports in ``sketch``/``exact`` mode, and the batch SNR
+    (``extra["batch_snr"]``) in ``microbatch`` mode. The *global* SNR pools groups the way the
     concatenated gradient would: Σ_g snr_g·var_g / Σ_g var_g (both ‖μ‖² and tr Σ are additive
     over disjoint groups).
 

@@ -240,3 +240,13 @@ def test_steps_the_estimator_skipped_are_not_counted_again():
         est.set(0.01, nonfinite=1 if i == 1 else 0)
         acts.append(ctrl.update().action)
     assert acts == [A.SKIP_STEP, A.CONTINUE, A.CONTINUE, A.CONTINUE, A.CONTINUE, A.CONTINUE, A.SCALE_LR]
+
+
+def test_microbatch_quality_uses_the_per_step_batch_snr():
+    per_example = quality(0.01, variance=2.0)
+    per_example.definition = "microbatch"
+    per_example.extra = {"batch_snr": 0.32}
+    s = gradient_signals({"a": per_example, "b": quality(0.1, variance=2.0)})
+    assert s["snr/a"] == 0.32 and s["snr_global"] == pytest.approx((0.32 + 0.1) / 2)
+    per_example.extra = {"batch_snr": -0.5}  # the raw estimate can dip below 0; SNR is clipped like snr
+    assert gradient_signals({"a": per_example})["snr/a"] == 0.0
