@@ -209,6 +209,7 @@ class PauseController:
         self._skip_streak = 0
         self._plateau_count = 0
         self._last_read: Optional[float] = None
+        self._last_gradient_signals: Optional[dict[str, float]] = None
         self._system_signals = SystemSignals()
         self._user_value = math.nan
         self._last_applied = 0
@@ -249,13 +250,18 @@ class PauseController:
         """Read the signals for one optimizer step and decide. Call once per optimizer step,
         after the backward(s) and the estimator's ``step()``, before ``optimizer.step()``.
 
-        Reading ``estimator.quality()`` synchronises with the GPU (once per call).
+        Reading ``estimator.quality()`` synchronises with the GPU. It is read only on steps the
+        estimator computed: with ``GradientSmoothnessEstimator(every=N)`` the controller
+        synchronises once per N steps and keeps its last readings in between.
         """
         self._t += 1
         t = self._t
         step = t if step is None else int(step)
         p = self.policy
-        signals = gradient_signals(self.estimator.quality())
+        fresh = self._estimator_fresh()
+        if fresh or self._last_gradient_signals is None:
+            self._last_gradient_signals = gradient_signals(self.estimator.quality())
+        signals = dict(self._last_gradient_signals)
         snr = self._pick_snr(signals)
         signals["snr"] = snr
         events: list[str] = []
@@ -265,7 +271,6 @@ class PauseController:
         signals.update(self._system_dict())
         user_action = self._check_user(events)
 
-        fresh = self._estimator_fresh()
         nonfinite = fresh and signals["nonfinite"] > 0
         snr_action, snr_reason = Action.CONTINUE, ""
         stop_reason = ""

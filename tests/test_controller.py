@@ -240,6 +240,7 @@ def test_steps_the_estimator_skipped_are_not_counted_again():
         est.set(0.01, nonfinite=1 if i == 1 else 0)
         acts.append(ctrl.update().action)
     assert acts == [A.SKIP_STEP, A.CONTINUE, A.CONTINUE, A.CONTINUE, A.CONTINUE, A.CONTINUE, A.SCALE_LR]
+    assert est.calls == 3  # quality() (a device sync) read only on the computed steps 1, 4, 7
 
 
 def test_microbatch_quality_uses_the_per_step_batch_snr():
