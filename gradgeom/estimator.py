@@ -294,12 +294,13 @@ class GradientSmoothnessEstimator:
                     offs.append(o)
             if not grads:
                 return
+            # Straight to the dispatcher (the C++ side checks the arguments): hooks are the hot path.
             ids = [0] * len(grads)
             if self.mode == "sketch":
-                mom, sk = ops.sketch_moments(grads, ids, 1, offsets=offs, sketch_dim=self.sketch_dim, seed=self.seed)
+                mom, sk = torch.ops.gradgeom.sketch_moments(grads, ids, offs, 1, self.sketch_dim, self.seed)
                 self._pending_sketch[gi] = sk[0]
             else:
-                mom = ops.group_moments(grads, ids, 1)
+                mom = torch.ops.gradgeom.group_moments(grads, ids, 1)
             self._pending_moments[gi] = mom[0]
             self._pending_scale = self._current_scale()
 
@@ -309,7 +310,7 @@ class GradientSmoothnessEstimator:
             incoming = self._incoming[gi]
             grads = list(incoming.values())
             incoming.clear()
-            mom = ops.group_moments(grads, [0] * len(grads), 1)
+            mom = torch.ops.gradgeom.group_moments(grads, [0] * len(grads), 1)
             self._micro[gi].append(mom[0])
             self._pending_scale = self._current_scale()
 
@@ -361,6 +362,7 @@ class GradientSmoothnessEstimator:
                 s.clear()
             for d in self._incoming:
                 d.clear()
+            self._callback_queued = False  # in case a backward raised before its end-of-backward callback
             self._step_count += 1
             self._active = self._step_count % self.every == 0
 
