@@ -16,8 +16,6 @@ thresholds plus a minimum dwell (:class:`~gradgeom.policy.PausePolicy`).
 from __future__ import annotations
 
 import dataclasses
-import io
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -26,6 +24,8 @@ from typing import IO, Any, Callable, Mapping, Optional, Union
 
 import torch
 
+from gradgeom.audit_log import AuditLog, json_number
+from gradgeom.gradient_signals import gradient_signals
 from gradgeom.hysteresis import Hysteresis
 from gradgeom.optim_actions import GradientStash, LRScaleHooks, drop_gradients, unwrap_optimizer
 from gradgeom.policy import Action, PausePolicy
@@ -80,58 +80,8 @@ class Decision:
             "pause_seconds": self.pause_seconds,
             "reason": self.reason,
             "event": self.event,
-            "signals": {k: _json_number(v) for k, v in self.signals.items()},
+            "signals": {k: json_number(v) for k, v in self.signals.items()},
         }
-
-
-def gradient_signals(quality: Mapping[str, Any]) -> dict[str, float]:
-    """Pool an estimator's ``quality()`` dict into controller signals.
-
-    SNR here is always per optimizer step: temporal modes report it directly; ``microbatch`` mode
-    reports per-example SNR, so its ``extra["batch_snr"]`` (B times that, clipped at 0) is used.
-
-    Returns ``snr_global`` (Σ snr_g·var_g / Σ var_g: the SNR of the concatenated gradient),
-    ``snr_min`` (worst group), ``grad_norm`` (‖g‖ of the whole latest gradient), ``nonfinite``
-    (non-finite elements over all groups), ``noise_scale`` (largest group B_simple, NaN if no
-    group defines one) and ``snr/<group>`` for every group. All values are Python floats.
-    """
-    signal_sum = 0.0
-    noise_sum = 0.0
-    grad_sq = 0.0
-    nonfinite = 0
-    snr_min = math.inf
-    noise_scale = math.nan
-    out: dict[str, float] = {}
-    for name, q in quality.items():
-        snr = _step_snr(q)
-        var = float(q.variance)
-        out[f"snr/{name}"] = snr
-        nonfinite += int(q.nonfinite)
-        if math.isfinite(snr) and math.isfinite(var) and var > 0:
-            signal_sum += snr * var
-            noise_sum += var
-        if not math.isnan(snr):
-            snr_min = min(snr_min, snr)
-        gn = float(q.grad_norm)
-        if math.isfinite(gn):
-            grad_sq += gn * gn
-        if q.noise_scale is not None and math.isfinite(float(q.noise_scale)):
-            noise_scale = float(q.noise_scale) if math.isnan(noise_scale) else max(noise_scale, float(q.noise_scale))
-    out["snr_global"] = signal_sum / noise_sum if noise_sum > 0 else math.nan
-    out["snr_min"] = snr_min if snr_min != math.inf else math.nan
-    out["grad_norm"] = math.sqrt(grad_sq) if quality else math.nan
-    out["nonfinite"] = float(nonfinite)
-    out["noise_scale"] = noise_scale
-    return out
-
-
-def _step_snr(q: Any) -> float:
-    if getattr(q, "definition", "") == "microbatch":
-        batch_snr = (getattr(q, "extra", None) or {}).get("batch_snr")
-        if batch_snr is not None:
-            value = float(batch_snr)
-            return max(value, 0.0) if value == value else value
-    return float(q.snr)
 
 
 class PauseController:
@@ -189,7 +139,7 @@ class PauseController:
         self.user_signal = user_signal
         self.clock = clock
         self.broadcast = bool(broadcast)
-        self._audit = _AuditLog(audit_log)
+        self._audit = AuditLog(audit_log)
 
         p = policy
         self._low = Hysteresis(p.snr_enter, p.snr_exit, direction="below", patience=p.patience, min_dwell=p.min_dwell_steps)
@@ -557,7 +507,7 @@ class PauseController:
             "step": decision.step,
             "action": "pause_end",
             "reason": f"paused {slept:g} s; " + (f"pressure persists ({still})" if still else "pressure cleared"),
-            "signals": {k: _json_number(v) for k, v in self._system_dict().items()},
+            "signals": {k: json_number(v) for k, v in self._system_dict().items()},
         })
 
     # ------------------------------------------------------------------ reporting and state
@@ -586,7 +536,7 @@ class PauseController:
             "low": self._low.state_dict(),
             "pressure": {k: h.state_dict() for k, h in self._pressure.items()},
             "user": None if self._user is None else self._user.state_dict(),
-            "user_value": _json_number(self._user_value),
+            "user_value": json_number(self._user_value),
             "system_signals": dataclasses.asdict(self._system_signals),
             "stash": self._stash.state_dict(),
             "policy": self.policy.to_dict(),
@@ -619,48 +569,8 @@ class PauseController:
             self._lr_hooks.set_scale(self.lr_scale)
 
 
-class _AuditLog:
-    """Appends JSON lines to a path (opened lazily, line-buffered) or a text stream."""
-
-    def __init__(self, target: Union[str, Path, IO[str], None]) -> None:
-        self._path: Optional[Path] = None
-        self._stream: Optional[IO[str]] = None
-        self._owned = False
-        if target is None:
-            return
-        if isinstance(target, (str, Path)):
-            self._path = Path(target)
-        elif isinstance(target, io.TextIOBase) or callable(getattr(target, "write", None)):
-            self._stream = target
-        else:
-            raise TypeError(f"PauseController: audit_log must be a path or a text stream, got {type(target).__name__}")
-
-    def write(self, record: dict[str, Any]) -> None:
-        if self._path is None and self._stream is None:
-            return
-        if self._stream is None:
-            self._path.parent.mkdir(parents=True, exist_ok=True)
-            self._stream = open(self._path, "a", encoding="utf-8", buffering=1)
-            self._owned = True
-        line = {"time": time.time(), **record}
-        self._stream.write(json.dumps(line, allow_nan=False, sort_keys=False) + "\n")
-        self._stream.flush()
-
-    def close(self) -> None:
-        if self._owned and self._stream is not None:
-            self._stream.close()
-            self._stream = None
-            self._owned = False
-
-
 def _num(value: Optional[float]) -> float:
     return math.nan if value is None else float(value)
-
-
-def _json_number(value: Any) -> Any:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value) if math.isfinite(value) else None
-    return value
 
 
 def _fmt(value: Optional[float]) -> str:

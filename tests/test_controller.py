@@ -251,3 +251,8 @@ def test_microbatch_quality_uses_the_per_step_batch_snr():
     assert s["snr/a"] == 0.32 and s["snr_global"] == pytest.approx((0.32 + 0.1) / 2)
     per_example.extra = {"batch_snr": -0.5}  # the raw estimate can dip below 0; SNR is clipped like snr
     assert gradient_signals({"a": per_example})["snr/a"] == 0.0
+
+
+def test_audit_log_target_must_be_a_path_or_stream():
+    with pytest.raises(TypeError, match="audit_log"):
+        PauseController(ScriptedEstimator(), audit_log=123, system=FakeMachine())
