@@ -166,3 +166,32 @@ def test_stop_decision_stops_the_trainer(tmp_path):
                                    train_dataset=_Tokens(), callbacks=[cb])
     trainer.train()
     assert trainer.state.global_step == 4 and cb.last_decision.action is Action.STOP
+
+
+class _ParamRecorder(transformers.TrainerCallback):
+    def __init__(self, model):
+        self.params = [p for n, p in model.named_parameters() if p.requires_grad]
+        self.after = []
+
+    def on_step_end(self, args, state, control, **kw):
+        self.after.append([p.detach().clone() for p in self.params])
+
+
+def test_skip_step_decision_leaves_the_adapter_untouched(tmp_path):
+    model = _model()
+    est = GradientSmoothnessEstimator(model, include=r"lora_", attach=False)
+    n = {"k": 0}
+
+    def user_signal():  # skip the updates of optimizer steps 3 and 4
+        n["k"] += 1
+        return 10.0 if n["k"] in (3, 4) else 0.0
+
+    ctrl = PauseController(est, policy=PausePolicy(warmup_steps=0, user_signal_enter=5.0, user_signal_exit=1.0,
+                                                   user_signal_action="skip_step"),
+                           system=_QuietMachine(), user_signal=user_signal, sleep=None)
+    rec = _ParamRecorder(model)
+    trainer = transformers.Trainer(model=model, args=_args(tmp_path / "k", 5, save_strategy="no"),
+                                   train_dataset=_Tokens(), callbacks=[GradGeomCallback(estimator=est, controller=ctrl), rec])
+    trainer.train()
+    changed = [any(not torch.equal(a, b) for a, b in zip(rec.after[i - 1], rec.after[i])) for i in range(1, 5)]
+    assert changed == [True, False, False, True]  # steps 2..5 vs the step before
