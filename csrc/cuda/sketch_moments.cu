@@ -159,8 +159,6 @@ __device__ void chunk_sketch(const SketchDeviceTensor& t, int64_t local_chunk, c
   for (int64_t j = j_first + lane; j <= j_last; j += folds_lanes) {
     const int64_t rotg = static_cast<int64_t>(fold_rotation_groups(h, static_cast<uint64_t>(j), g8_log2));
     const int64_t fold_base = j << log2k;
-    acc_t v[R * 8];
-    bool present[R * 8];
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       const int64_t i0 = fold_base + (((q[r] - rotg) & (g8 - 1)) << 3);
@@ -173,11 +171,9 @@ __device__ void chunk_sketch(const SketchDeviceTensor& t, int64_t local_chunk, c
         const bool negative = ((w0 + uint64_t(e) * h.a_lo) >> 63) != 0;
         const acc_t x = (pr[e] && isfinite(vr[e])) ? vr[e] : acc_t(0);
         acc[r][e] += negative ? -x : x;
-        v[r * 8 + e] = vr[e];
-        present[r * 8 + e] = pr[e];
       }
+      add_to_moments<Kind, 8>(mom, vr, pr);
     }
-    add_to_moments<Kind, R * 8>(mom, v, present);
   }
 
   if (folds_lanes == 1) {
@@ -200,19 +196,24 @@ __device__ void chunk_sketch(const SketchDeviceTensor& t, int64_t local_chunk, c
   mom_out = moments_cast<double>(mom);
 }
 
-template <typename Kind>
-__device__ void chunk_sketch_dispatch(const SketchDeviceTensor& t, int64_t local, const SketchHash& h, int log2k,
-                                      float* sk_out, Moments<double>& m, float* smem) {
-  const int64_t g8 = (int64_t(1) << log2k) >> 3;
-  if (g8 >= 4 * kThreads) {
-    chunk_sketch<Kind, 4>(t, local, h, log2k, sk_out, m, smem);
-  } else if (g8 >= 2 * kThreads) {
-    chunk_sketch<Kind, 2>(t, local, h, log2k, sk_out, m, smem);
-  } else {
-    chunk_sketch<Kind, 1>(t, local, h, log2k, sk_out, m, smem);
+// kKindMixed: the tensors' dtypes differ, switch per block (one register budget for all paths).
+constexpr int kKindMixed = -1;
+
+template <int R>
+__device__ __forceinline__ void chunk_sketch_any(int type, const SketchDeviceTensor& t, int64_t local,
+                                                 const SketchHash& h, int log2k, float* sk_out, Moments<double>& m,
+                                                 float* smem) {
+  switch (static_cast<ElemType>(type)) {
+    case ElemType::kFloat32: chunk_sketch<F32, R>(t, local, h, log2k, sk_out, m, smem); break;
+    case ElemType::kFloat64: chunk_sketch<F64, R>(t, local, h, log2k, sk_out, m, smem); break;
+    case ElemType::kFloat16: chunk_sketch<F16, R>(t, local, h, log2k, sk_out, m, smem); break;
+    case ElemType::kBFloat16: chunk_sketch<BF16, R>(t, local, h, log2k, sk_out, m, smem); break;
   }
 }
 
+// One block per chunk. KindSel: an ElemType value when every tensor has that dtype (so each
+// instantiation gets its own register allocation), else kKindMixed. R: 8-bucket groups per thread.
+template <int KindSel, int R>
 __global__ void __launch_bounds__(kThreads) sketch_chunk_kernel(const SketchDeviceTensor* tensors, int num_tensors,
                                                                 SketchHash h, int log2k, float* sk_partials,
                                                                 double* mom_partials) {
@@ -227,14 +228,39 @@ __global__ void __launch_bounds__(kThreads) sketch_chunk_kernel(const SketchDevi
   const int64_t local = chunk - t.chunk_begin;
   float* sk_out = sk_partials + (chunk << log2k);
   Moments<double> m;
-  switch (static_cast<ElemType>(t.type)) {
-    case ElemType::kFloat32: chunk_sketch_dispatch<F32>(t, local, h, log2k, sk_out, m, lanes_smem); break;
-    case ElemType::kFloat64: chunk_sketch_dispatch<F64>(t, local, h, log2k, sk_out, m, lanes_smem); break;
-    case ElemType::kFloat16: chunk_sketch_dispatch<F16>(t, local, h, log2k, sk_out, m, lanes_smem); break;
-    case ElemType::kBFloat16: chunk_sketch_dispatch<BF16>(t, local, h, log2k, sk_out, m, lanes_smem); break;
+  if constexpr (KindSel == kKindMixed) {
+    chunk_sketch_any<R>(t.type, t, local, h, log2k, sk_out, m, lanes_smem);
+  } else if constexpr (KindSel == static_cast<int>(ElemType::kFloat32)) {
+    chunk_sketch<F32, R>(t, local, h, log2k, sk_out, m, lanes_smem);
+  } else if constexpr (KindSel == static_cast<int>(ElemType::kFloat64)) {
+    chunk_sketch<F64, R>(t, local, h, log2k, sk_out, m, lanes_smem);
+  } else if constexpr (KindSel == static_cast<int>(ElemType::kFloat16)) {
+    chunk_sketch<F16, R>(t, local, h, log2k, sk_out, m, lanes_smem);
+  } else {
+    chunk_sketch<BF16, R>(t, local, h, log2k, sk_out, m, lanes_smem);
   }
   m = block_merge(m, scratch);
   if (threadIdx.x == 0) store_moments(m, mom_partials + chunk * kMomentColumns);
+}
+
+using ChunkKernel = void (*)(const SketchDeviceTensor*, int, SketchHash, int, float*, double*);
+
+template <int R>
+ChunkKernel pick_chunk_kernel(int kind_sel) {
+  switch (kind_sel) {
+    case static_cast<int>(ElemType::kFloat32): return sketch_chunk_kernel<static_cast<int>(ElemType::kFloat32), R>;
+    case static_cast<int>(ElemType::kFloat64): return sketch_chunk_kernel<static_cast<int>(ElemType::kFloat64), R>;
+    case static_cast<int>(ElemType::kFloat16): return sketch_chunk_kernel<static_cast<int>(ElemType::kFloat16), R>;
+    case static_cast<int>(ElemType::kBFloat16): return sketch_chunk_kernel<static_cast<int>(ElemType::kBFloat16), R>;
+    default: return sketch_chunk_kernel<kKindMixed, R>;
+  }
+}
+
+ChunkKernel pick_chunk_kernel(int kind_sel, int64_t sketch_dim) {
+  const int64_t g8 = sketch_dim / 8;
+  if (g8 >= 4 * kThreads) return pick_chunk_kernel<4>(kind_sel);
+  if (g8 >= 2 * kThreads) return pick_chunk_kernel<2>(kind_sel);
+  return pick_chunk_kernel<1>(kind_sel);
 }
 
 // grid (num_groups, k / blockDim + 1): the last y-slice merges moments, the others sum buckets.
@@ -297,7 +323,11 @@ std::tuple<at::Tensor, at::Tensor> sketch_moments_cuda(at::TensorList tensors, c
   at::Tensor mom_partials = at::empty({plan.num_chunks, kMomentColumns}, dev.dtype(at::kDouble));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const SketchHash h = make_sketch_hash(static_cast<uint64_t>(seed));
-  sketch_chunk_kernel<<<static_cast<unsigned>(plan.num_chunks), kThreads, 0, stream>>>(
+  int kind_sel = plan.tensors[0].type;
+  for (const SketchPlannedTensor& p : plan.tensors) {
+    if (p.type != kind_sel) kind_sel = kKindMixed;
+  }
+  pick_chunk_kernel(kind_sel, sketch_dim)<<<static_cast<unsigned>(plan.num_chunks), kThreads, 0, stream>>>(
       reinterpret_cast<const SketchDeviceTensor*>(meta.data_ptr<int64_t>()), static_cast<int>(num_tensors), h, log2k,
       sk_partials.data_ptr<float>(), mom_partials.data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
