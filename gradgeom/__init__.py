@@ -16,3 +16,9 @@ from gradgeom.quality import LayerGradientQuality, SmoothnessThresholds  # noqa:
 from gradgeom.estimator import GradientSmoothnessEstimator  # noqa: E402
 
 __all__ += ["GradientSmoothnessEstimator", "LayerGradientQuality", "SmoothnessThresholds"]
+
+# --- controller (issue 5) ---
+from gradgeom.policy import Action, PausePolicy  # noqa: E402
+from gradgeom.controller import Decision, PauseController  # noqa: E402
+
+__all__ += ["Action", "Decision", "PauseController", "PausePolicy"]

@@ -19,6 +19,13 @@ def _demo(args: argparse.Namespace) -> int:
         overrides["steps"] = args.steps
     cfg = DemoConfig.quick(**overrides) if args.quick else DemoConfig(**overrides)
     run_demo(cfg, out_dir=args.out, progress=not args.no_progress)
+    if not args.no_controller:
+        from gradgeom.demo_controller import run_controller_demo
+
+        print("\nPauseController: a second run with label noise in its middle third (* = controller acted)")
+        result = run_controller_demo(args.out, steps=60 if args.quick else 180, seed=args.seed,
+                                     progress=not args.no_progress)
+        print(f"controller audit log: {result.audit_path}; plot: {result.plot_path}")
     return 0
 
 
@@ -36,6 +43,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     demo.add_argument("--threads", type=int, default=1,
                       help="torch CPU threads (default 1: the model is tiny, more threads mostly spin)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    demo.add_argument("--no-controller", action="store_true",
+                      help="skip the PauseController run (label-noise phase; writes controller_*.jsonl, controller.png)")
     demo.set_defaults(func=_demo)
     args = parser.parse_args(argv)
     if args.steps is not None and args.steps < 1:
