@@ -1,4 +1,4 @@
-// group_moments on CUDA: one launch computes a Moments partial for every chunk of every tensor
+// group_moments on CUDA: one launch per element type present (one for the usual single-dtype list) computes a Moments partial for every chunk of every tensor
 // (16-byte vector loads, a scalar head/tail, fp32 per-thread accumulation, fp64 block merge);
 // a second launch merges each group's partials in chunk order. No atomics: bitwise
 // deterministic. Everything runs on the current stream and nothing waits for the device.
@@ -171,23 +171,20 @@ __device__ Moments<double> chunk_moments(const DeviceTensor& t, int64_t local_ch
   return to_moments(r, shift);
 }
 
-// At most 64 registers a thread, so that 4 blocks (1024 threads) share an SM.
-__global__ void __launch_bounds__(kThreads, 4) chunk_partials_kernel(const DeviceTensor* tensors, int num_tensors,
-                                                                  double* partials) {
+// One instantiation per element type, so each gets the registers its own loop needs (a single
+// kernel switching over four types pays for the widest one). A launch covers every chunk; blocks
+// whose tensor has another type leave at once. Lists of one dtype, the usual case, take one launch.
+template <typename Kind, int kMinBlocks>
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
+    chunk_partials_kernel(const DeviceTensor* tensors, int num_tensors, ElemType type, double* partials) {
   __shared__ Moments<double> scratch[kThreads / 32];
   __shared__ int owner;
   const int64_t chunk = blockIdx.x;
   if (threadIdx.x == 0) owner = find_owner(tensors, num_tensors, chunk);
   __syncthreads();
   const DeviceTensor t = tensors[owner];
-  const int64_t local = chunk - t.chunk_begin;
-  Moments<double> m;
-  switch (static_cast<ElemType>(t.type)) {
-    case ElemType::kFloat32: m = chunk_moments<F32>(t, local); break;
-    case ElemType::kFloat64: m = chunk_moments<F64>(t, local); break;
-    case ElemType::kFloat16: m = chunk_moments<F16>(t, local); break;
-    case ElemType::kBFloat16: m = chunk_moments<BF16>(t, local); break;
-  }
+  if (static_cast<ElemType>(t.type) != type) return;
+  Moments<double> m = chunk_moments<Kind>(t, chunk - t.chunk_begin);
   m = block_merge(m, scratch);
   if (threadIdx.x == 0) store_moments(m, partials + chunk * kMomentColumns);
 }
@@ -229,8 +226,19 @@ at::Tensor group_moments_cuda(at::TensorList tensors, c10::IntArrayRef group_ids
   at::Tensor partials = at::empty({plan.num_chunks, kMomentColumns}, dev.dtype(at::kDouble));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const auto* dev_table = reinterpret_cast<const DeviceTensor*>(meta.data_ptr<int64_t>());
-  chunk_partials_kernel<<<static_cast<unsigned>(plan.num_chunks), kThreads, 0, stream>>>(
-      dev_table, static_cast<int>(num_tensors), partials.data_ptr<double>());
+  bool present[4] = {false, false, false, false};
+  for (const PlannedTensor& p : plan.tensors) present[static_cast<int>(p.type)] = true;
+  const dim3 grid(static_cast<unsigned>(plan.num_chunks));
+  const int nt = static_cast<int>(num_tensors);
+  double* parts = partials.data_ptr<double>();
+  if (present[static_cast<int>(ElemType::kBFloat16)])
+    chunk_partials_kernel<BF16, 3><<<grid, kThreads, 0, stream>>>(dev_table, nt, ElemType::kBFloat16, parts);
+  if (present[static_cast<int>(ElemType::kFloat16)])
+    chunk_partials_kernel<F16, 3><<<grid, kThreads, 0, stream>>>(dev_table, nt, ElemType::kFloat16, parts);
+  if (present[static_cast<int>(ElemType::kFloat32)])
+    chunk_partials_kernel<F32, 3><<<grid, kThreads, 0, stream>>>(dev_table, nt, ElemType::kFloat32, parts);
+  if (present[static_cast<int>(ElemType::kFloat64)])
+    chunk_partials_kernel<F64, 1><<<grid, kThreads, 0, stream>>>(dev_table, nt, ElemType::kFloat64, parts);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   group_merge_kernel<<<static_cast<unsigned>(num_groups), kThreads, 0, stream>>>(
       partials.data_ptr<double>(), meta.data_ptr<int64_t>() + num_tensors * 4, out.data_ptr<double>());
