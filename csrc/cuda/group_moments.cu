@@ -13,6 +13,7 @@
 #include "gradgeom/cuda_reduce.cuh"
 #include "gradgeom/moments.h"
 #include "gradgeom/tensor_list_plan.h"
+#include "gradgeom/check.h"
 
 namespace gradgeom {
 namespace {
@@ -208,7 +209,7 @@ at::Tensor group_moments_cuda(at::TensorList tensors, c10::IntArrayRef group_ids
   const TensorListPlan plan = make_plan(tensors, group_ids, num_groups, /*align_head=*/true);
   at::Tensor out = at::zeros({num_groups, kMomentColumns}, dev.dtype(at::kDouble));
   if (plan.num_chunks == 0) return out;
-  TORCH_CHECK(plan.num_chunks < (int64_t(1) << 31), "group_moments: too many chunks (", plan.num_chunks, ")");
+  GG_CHECK(plan.num_chunks < (int64_t(1) << 31), "group_moments: too many chunks (", plan.num_chunks, ")");
 
   // Metadata: the tensor table, then group_chunk_begin; one pinned buffer, one async copy.
   const int64_t num_tensors = static_cast<int64_t>(plan.tensors.size());

@@ -25,6 +25,7 @@
 #include "gradgeom/moments.h"
 #include "gradgeom/sketch_hash.h"
 #include "gradgeom/sketch_plan.h"
+#include "gradgeom/check.h"
 
 namespace gradgeom {
 namespace {
@@ -319,7 +320,7 @@ std::tuple<at::Tensor, at::Tensor> sketch_moments_cuda(at::TensorList tensors, c
   at::Tensor moments = at::zeros({num_groups, kMomentColumns}, dev.dtype(at::kDouble));
   at::Tensor sketch = at::zeros({num_groups, sketch_dim}, dev.dtype(at::kDouble));
   if (plan.num_chunks == 0) return {moments, sketch};
-  TORCH_CHECK(plan.num_chunks < (int64_t(1) << 31), "sketch_moments: too many chunks (", plan.num_chunks, ")");
+  GG_CHECK(plan.num_chunks < (int64_t(1) << 31), "sketch_moments: too many chunks (", plan.num_chunks, ")");
 
   // Metadata: the tensor table, then group_chunk_begin; one pinned buffer, one async copy.
   const int64_t num_tensors = static_cast<int64_t>(plan.tensors.size());

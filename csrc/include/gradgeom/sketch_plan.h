@@ -17,6 +17,7 @@
 
 #include "gradgeom/sketch_hash.h"
 #include "gradgeom/tensor_list_plan.h"
+#include "gradgeom/check.h"
 
 namespace gradgeom {
 
@@ -40,12 +41,12 @@ struct SketchPlan {
 inline void check_sketch_args(const char* op, const at::TensorList& tensors, c10::IntArrayRef group_ids,
                               c10::IntArrayRef offsets, int64_t num_groups, int64_t sketch_dim) {
   check_tensor_list(op, tensors, group_ids, num_groups);
-  TORCH_CHECK_VALUE(offsets.size() == tensors.size(), op, ": offsets must have one entry per tensor: got ",
+  GG_CHECK_VALUE(offsets.size() == tensors.size(), op, ": offsets must have one entry per tensor: got ",
                     offsets.size(), " offsets for ", tensors.size(), " tensors");
   for (size_t i = 0; i < offsets.size(); ++i) {
-    TORCH_CHECK_VALUE(offsets[i] >= 0, op, ": offsets[", i, "] = ", offsets[i], " must be >= 0");
+    GG_CHECK_VALUE(offsets[i] >= 0, op, ": offsets[", i, "] = ", offsets[i], " must be >= 0");
   }
-  TORCH_CHECK_VALUE(sketch_dim >= kSketchMinDim && sketch_dim <= kSketchMaxDim && (sketch_dim & (sketch_dim - 1)) == 0,
+  GG_CHECK_VALUE(sketch_dim >= kSketchMinDim && sketch_dim <= kSketchMaxDim && (sketch_dim & (sketch_dim - 1)) == 0,
                     op, ": sketch_dim must be a power of two in [", kSketchMinDim, ", ", kSketchMaxDim, "], got ",
                     sketch_dim);
 }

@@ -17,6 +17,7 @@
 #include <numeric>
 #include <string>
 #include <vector>
+#include "gradgeom/check.h"
 
 namespace gradgeom {
 
@@ -30,7 +31,7 @@ inline ElemType elem_type_of(c10::ScalarType t) {
     case c10::ScalarType::Double: return ElemType::kFloat64;
     case c10::ScalarType::Half: return ElemType::kFloat16;
     case c10::ScalarType::BFloat16: return ElemType::kBFloat16;
-    default: TORCH_CHECK(false, "gradgeom: unsupported dtype ", t);
+    default: GG_CHECK(false, "gradgeom: unsupported dtype ", t);
   }
 }
 
@@ -42,18 +43,18 @@ inline bool is_supported_float(c10::ScalarType t) {
 // Argument checks shared by every tensor-list op. `op` names the op in messages.
 inline void check_tensor_list(const char* op, const at::TensorList& tensors,
                               c10::IntArrayRef group_ids, int64_t num_groups) {
-  TORCH_CHECK_VALUE(num_groups >= 1, op, ": num_groups must be >= 1, got ", num_groups);
-  TORCH_CHECK_VALUE(static_cast<int64_t>(group_ids.size()) == static_cast<int64_t>(tensors.size()),
+  GG_CHECK_VALUE(num_groups >= 1, op, ": num_groups must be >= 1, got ", num_groups);
+  GG_CHECK_VALUE(static_cast<int64_t>(group_ids.size()) == static_cast<int64_t>(tensors.size()),
                     op, ": group_ids must have one entry per tensor: got ", group_ids.size(),
                     " group ids for ", tensors.size(), " tensors");
   for (size_t i = 0; i < tensors.size(); ++i) {
     const at::Tensor& t = tensors[i];
-    TORCH_CHECK_VALUE(t.defined(), op, ": tensors[", i, "] is undefined (None)");
-    TORCH_CHECK_TYPE(is_supported_float(t.scalar_type()), op, ": tensors[", i, "] has dtype ",
+    GG_CHECK_VALUE(t.defined(), op, ": tensors[", i, "] is undefined (None)");
+    GG_CHECK_TYPE(is_supported_float(t.scalar_type()), op, ": tensors[", i, "] has dtype ",
                      t.scalar_type(), "; expected float32, float64, float16 or bfloat16");
-    TORCH_CHECK_VALUE(t.device() == tensors[0].device(), op, ": all tensors must be on one device: tensors[",
+    GG_CHECK_VALUE(t.device() == tensors[0].device(), op, ": all tensors must be on one device: tensors[",
                       i, "] is on ", t.device(), " but tensors[0] is on ", tensors[0].device());
-    TORCH_CHECK_VALUE(group_ids[i] >= 0 && group_ids[i] < num_groups, op, ": group_ids[", i,
+    GG_CHECK_VALUE(group_ids[i] >= 0 && group_ids[i] < num_groups, op, ": group_ids[", i,
                       "] = ", group_ids[i], " is outside [0, num_groups=", num_groups, ")");
   }
 }
