@@ -17,6 +17,12 @@ TORCH_LIBRARY(gradgeom, m) {
   // Returns float64 [num_groups, 6]: count of finite elements, sum, sum of squares,
   // M2 = sum((x - mean)^2), max |x| over finite elements, count of non-finite elements.
   m.def("group_moments(Tensor[] tensors, int[] group_ids, int num_groups) -> Tensor");
+  // Bs[i]: [d_i, r_i], As[i]: [r_i, k_i]; float32/float64/float16/bfloat16, any strides, one device.
+  // Returns float64 (B_iᵀB_i, A_i·A_iᵀ), each [n, R, R] with R = max r_i, zero-padded beyond r_i.
+  m.def("lora_gram(Tensor[] Bs, Tensor[] As) -> (Tensor, Tensor)");
+  // A: float32/float64 [batch, n, n] symmetric (lower triangle read), n <= 1024. Jacobi eigen-solver.
+  // Returns float64 eigenvalues [batch, n] ascending, eigenvectors [batch, n, n] (columns) or [0].
+  m.def("sym_eigh(Tensor A, bool vectors) -> (Tensor, Tensor)");
   // gradgeom-schemas: each new op adds its m.def line above this comment.
 }
 
