@@ -39,9 +39,17 @@ def eigh(x: torch.Tensor, vectors: bool = True) -> tuple[torch.Tensor, Optional[
     return torch.linalg.eigvalsh(x), None
 
 
+def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list as a device tensor without a synchronising copy (pinned + async)."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def structural_rank(shapes: list[tuple[int, int, int]], device: torch.device) -> torch.Tensor:
     """min(d, k, r) per adapter, int64 ``[n]``: ΔW can have no more nonzero singular values."""
-    return torch.tensor([min(d, k, r) for d, k, r in shapes], dtype=torch.int64, device=device)
+    return to_device([min(d, k, r) for d, k, r in shapes], torch.int64, device)
 
 
 def _sym(x: torch.Tensor) -> torch.Tensor:

@@ -118,7 +118,12 @@ def _normalize(op: str, B: Any, A: Any, scal: Any) -> _Batch:
         Ax = A.expand(lead + tuple(A.shape[-2:])).reshape((-1,) + tuple(A.shape[-2:]))
         pairs = list(zip(Bx.unbind(0), Ax.unbind(0)))
         stacked, device, n = (Bx, Ax), B.device, Bx.shape[0]
-    s = torch.as_tensor(scal, dtype=torch.float64, device=device)
+    if isinstance(scal, (int, float)) and not isinstance(scal, bool):
+        s = torch.full((), float(scal), dtype=torch.float64, device=device)
+    elif isinstance(scal, torch.Tensor):
+        s = scal.detach().to(device=device, dtype=torch.float64)
+    else:
+        s = core.to_device(list(scal), torch.float64, device)
     try:
         s = s.expand(lead if lead is not None else (n,)).reshape(-1) if s.dim() else s.expand(n)
     except RuntimeError as exc:
@@ -138,7 +143,7 @@ def _needs_grad(batch: _Batch) -> bool:
 def _shape_info(pairs: Sequence[Pair], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     shapes = [(b.shape[0], a.shape[1], b.shape[1]) for b, a in pairs]
     srank = core.structural_rank(shapes, device)
-    fp64 = torch.tensor([b.dtype == torch.float64 and a.dtype == torch.float64 for b, a in pairs], device=device)
+    fp64 = core.to_device([b.dtype == torch.float64 and a.dtype == torch.float64 for b, a in pairs], torch.bool, device)
     return srank, fp64, [s[2] for s in shapes]
 
 
@@ -401,7 +406,7 @@ def geometry(
     for device, idx in _by_device(found).items():
         pairs = [(found[i].B, found[i].A) for i in idx]
         sv, fro_sq, exact = _unscaled_svdvals(pairs, device, method)
-        s = torch.tensor([abs(found[i].scaling) for i in idx], dtype=torch.float64, device=device)
+        s = core.to_device([abs(found[i].scaling) for i in idx], torch.float64, device)
         sv = (sv * s.unsqueeze(-1)).cpu()
         fro = (fro_sq.sqrt() * s).cpu().tolist()
         exact = exact.cpu().tolist()
@@ -506,7 +511,7 @@ def principal_angles(
         gb, ga = lora_ops.lora_gram([b.detach() for b, _ in both], [a.detach() for _, a in both])
         srank, fp64, ranks = _shape_info(both, device)
         R = gb.shape[-1]
-        T, rank, ill = core.gram_bases(gb, ga, srank, fp64, torch.tensor(ranks, device=device))
+        T, rank, ill = core.gram_bases(gb, ga, srank, fp64, core.to_device(ranks, torch.int64, device))
         X = _cross_grams([f.B for f, _ in sel], [g.B for _, g in sel], R, device)
         cos = core.cosines(T[:n].mT @ X @ T[n:]).cpu()
         rank = rank.cpu().tolist()

@@ -34,7 +34,7 @@ std::tuple<at::Tensor, at::Tensor> sym_eigh_cpu(const at::Tensor& A, bool vector
   double* vout = vectors ? V.data_ptr<double>() : nullptr;
 
   at::parallel_for(0, batch, 1, [&](int64_t first, int64_t last) {
-    std::vector<double> a(m * ld), v(vectors ? m * ld : 0), rot(m);
+    std::vector<double> a(m * ld), v(vectors ? m * ld : 0), rot(2 * m);
     int flag = 0;
     for (int64_t b = first; b < last; ++b) {
       const double* s = src + b * n * n;

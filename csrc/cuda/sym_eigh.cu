@@ -36,7 +36,7 @@ __global__ void sym_eigh_kernel(const double* in, int n, int m, int ld, bool vec
   const int nthreads = blockDim.x;
   const int64_t size = int64_t(m) * ld;
   double* rot = smem;
-  double* a = use_smem ? smem + m : work_a + b * size;
+  double* a = use_smem ? smem + 2 * m : work_a + b * size;
   double* v = vectors ? (use_smem ? a + size : work_v + b * size) : nullptr;
   const double* src = in + b * int64_t(n) * n;
   for (int64_t e = tid; e < size; e += nthreads) {
@@ -74,7 +74,7 @@ std::tuple<at::Tensor, at::Tensor> sym_eigh_cuda(const at::Tensor& A, bool vecto
   const int m = static_cast<int>(n + (n % 2));
   const int ld = m + 1;  // odd stride: the columns of a 2x2 block fall in different banks
   const int64_t mat_bytes = int64_t(m) * ld * static_cast<int64_t>(sizeof(double));
-  const int64_t rot_bytes = int64_t(m) * static_cast<int64_t>(sizeof(double));
+  const int64_t rot_bytes = 2 * int64_t(m) * static_cast<int64_t>(sizeof(double));
   const int64_t smem_bytes = rot_bytes + (vectors ? 2 : 1) * mat_bytes;
   int optin = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, A.device().index()));

@@ -63,7 +63,7 @@ GG_JACOBI_FN bool rotation(double app, double aqq, double apq, double& c, double
   return true;
 }
 
-// rot holds 2 * (m/2) doubles (c, s per pair); flag is one int visible to every thread.
+// rot holds 4 * (m/2) doubles (c, s, p, q per pair); flag is one int visible to every thread.
 template <typename Sync>
 GG_JACOBI_FN void solve(double* a, int ld, double* v, int m, double* rot, int* flag, int tid, int nthreads,
                         Sync sync) {
@@ -77,20 +77,21 @@ GG_JACOBI_FN void solve(double* a, int ld, double* v, int m, double* rot, int* f
         tournament_pair(m, step, k, p, q);
         double c, s;
         if (rotation(a[p * ld + p], a[q * ld + q], a[p * ld + q], c, s)) *flag = 1;
-        rot[2 * k] = c;
-        rot[2 * k + 1] = s;
+        rot[4 * k] = c;
+        rot[4 * k + 1] = s;
+        rot[4 * k + 2] = p;
+        rot[4 * k + 3] = q;
       }
       sync();
       const int blocks = half * half;
       for (int b = tid; b < blocks; b += nthreads) {
         const int k1 = b / half;
         const int k2 = b - k1 * half;
-        const double c1 = rot[2 * k1], s1 = rot[2 * k1 + 1];
-        const double c2 = rot[2 * k2], s2 = rot[2 * k2 + 1];
+        const double c1 = rot[4 * k1], s1 = rot[4 * k1 + 1];
+        const double c2 = rot[4 * k2], s2 = rot[4 * k2 + 1];
         if (s1 == 0.0 && s2 == 0.0) continue;
-        int p1, q1, p2, q2;
-        tournament_pair(m, step, k1, p1, q1);
-        tournament_pair(m, step, k2, p2, q2);
+        const int p1 = static_cast<int>(rot[4 * k1 + 2]), q1 = static_cast<int>(rot[4 * k1 + 3]);
+        const int p2 = static_cast<int>(rot[4 * k2 + 2]), q2 = static_cast<int>(rot[4 * k2 + 3]);
         const double xpp = a[p1 * ld + p2], xpq = a[p1 * ld + q2];
         const double xqp = a[q1 * ld + p2], xqq = a[q1 * ld + q2];
         // Rows: J1ᵀ·X.
@@ -113,10 +114,9 @@ GG_JACOBI_FN void solve(double* a, int ld, double* v, int m, double* rot, int* f
         for (int u = tid; u < updates; u += nthreads) {
           const int i = u / half;
           const int k = u - i * half;
-          const double c = rot[2 * k], s = rot[2 * k + 1];
+          const double c = rot[4 * k], s = rot[4 * k + 1];
           if (s == 0.0) continue;
-          int p, q;
-          tournament_pair(m, step, k, p, q);
+          const int p = static_cast<int>(rot[4 * k + 2]), q = static_cast<int>(rot[4 * k + 3]);
           const double vp = v[i * ld + p], vq = v[i * ld + q];
           v[i * ld + p] = c * vp - s * vq;
           v[i * ld + q] = s * vp + c * vq;
