@@ -64,11 +64,13 @@ def scaling(alpha: float, r: int, *, rslora: bool = False) -> float:
 
 @dataclass
 class _Batch:
-    pairs: list[Pair]                      # 2-D factors
+    Bs: list[torch.Tensor]                 # 2-D factors [d, r]
+    As: list[torch.Tensor]                 # 2-D factors [r, k]
     lead: Optional[tuple[int, ...]]        # leading shape of batched input, None for a list
     stacked: Optional[Pair]                # [N, d, r], [N, r, k] views of batched input
     scal: torch.Tensor                     # float64 [n] on the device
     device: torch.device
+    op: str
 
 
 def _check_pair(op: str, i: Optional[int], B: Any, A: Any, two_d: bool) -> None:
@@ -93,21 +95,31 @@ def _check_pair(op: str, i: Optional[int], B: Any, A: Any, two_d: bool) -> None:
         raise ValueError(f"{op}: B{where} is on {B.device} but A{where} is on {A.device}; both must be on one device")
 
 
+def _validate_pairs(op: str, pairs: Sequence[Any]) -> None:
+    """Full per-pair checks with messages that name the pair (the slow path)."""
+    for i, p in enumerate(pairs):
+        if not isinstance(p, (list, tuple)) or len(p) != 2:
+            raise TypeError(f"{op}: pairs[{i}] must be a (B, A) tuple, got {type(p).__name__}")
+        _check_pair(op, i, p[0], p[1], two_d=True)
+        if p[0].device != pairs[0][0].device:
+            raise ValueError(f"{op}: all pairs must be on one device: pair {i} is on {p[0].device}, pair 0 on {pairs[0][0].device}")
+
+
 def _normalize(op: str, B: Any, A: Any, scal: Any) -> _Batch:
     if A is None:
         if isinstance(B, torch.Tensor) or not isinstance(B, (list, tuple)):
             raise TypeError(f"{op}: pass B and A tensors, or a list of (B, A) pairs; got {type(B).__name__} and no A")
-        pairs = []
-        for i, p in enumerate(B):
-            if not isinstance(p, (list, tuple)) or len(p) != 2:
-                raise TypeError(f"{op}: pairs[{i}] must be a (B, A) tuple, got {type(p).__name__}")
-            _check_pair(op, i, p[0], p[1], two_d=True)
-            pairs.append((p[0], p[1]))
-        device = pairs[0][0].device if pairs else torch.device("cpu")
-        for i, (b, _) in enumerate(pairs):
-            if b.device != device:
-                raise ValueError(f"{op}: all pairs must be on one device: pair {i} is on {b.device}, pair 0 on {device}")
-        lead, stacked, n = None, None, len(pairs)
+        # Fast path: the native op checks every factor; _validate_pairs explains a failure.
+        try:
+            Bs = [p[0] for p in B]
+            As = [p[1] for p in B]
+            ok = all(len(p) == 2 for p in B) and all(isinstance(t, torch.Tensor) for t in Bs)
+        except (TypeError, IndexError, KeyError):
+            ok = False
+        if not ok:
+            _validate_pairs(op, B)
+        device = Bs[0].device if Bs else torch.device("cpu")
+        lead, stacked, n = None, None, len(Bs)
     else:
         _check_pair(op, None, B, A, two_d=False)
         try:
@@ -116,7 +128,7 @@ def _normalize(op: str, B: Any, A: Any, scal: Any) -> _Batch:
             raise ValueError(f"{op}: leading (batch) dimensions of B {tuple(B.shape)} and A {tuple(A.shape)} do not broadcast") from exc
         Bx = B.expand(lead + tuple(B.shape[-2:])).reshape((-1,) + tuple(B.shape[-2:]))
         Ax = A.expand(lead + tuple(A.shape[-2:])).reshape((-1,) + tuple(A.shape[-2:]))
-        pairs = list(zip(Bx.unbind(0), Ax.unbind(0)))
+        Bs, As = list(Bx.unbind(0)), list(Ax.unbind(0))
         stacked, device, n = (Bx, Ax), B.device, Bx.shape[0]
     if isinstance(scal, (int, float)) and not isinstance(scal, bool):
         s = torch.full((), float(scal), dtype=torch.float64, device=device)
@@ -128,7 +140,18 @@ def _normalize(op: str, B: Any, A: Any, scal: Any) -> _Batch:
         s = s.expand(lead if lead is not None else (n,)).reshape(-1) if s.dim() else s.expand(n)
     except RuntimeError as exc:
         raise ValueError(f"{op}: scaling of shape {tuple(s.shape)} does not match {lead if lead is not None else (n,)}") from exc
-    return _Batch(pairs, lead, stacked, s.contiguous(), device)
+    return _Batch(Bs, As, lead, stacked, s.contiguous(), device, op)
+
+
+def _gram(batch: _Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The native Gram launch; on bad input, the Python checks name the offending pair."""
+    try:
+        with torch.no_grad():
+            return torch.ops.gradgeom.lora_gram(batch.Bs, batch.As)
+    except (ValueError, TypeError, RuntimeError):
+        if batch.lead is None:
+            _validate_pairs(batch.op, list(zip(batch.Bs, batch.As)))
+        raise
 
 
 def _check_method(op: str, method: str) -> None:
@@ -137,39 +160,42 @@ def _check_method(op: str, method: str) -> None:
 
 
 def _needs_grad(batch: _Batch) -> bool:
-    return torch.is_grad_enabled() and any(b.requires_grad or a.requires_grad for b, a in batch.pairs)
+    if not torch.is_grad_enabled():
+        return False
+    if any(t.requires_grad for t in batch.Bs) or any(t.requires_grad for t in batch.As):
+        if batch.lead is None:
+            _validate_pairs(batch.op, list(zip(batch.Bs, batch.As)))
+        return True
+    return False
 
 
-def _shape_info(pairs: Sequence[Pair], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    shapes = [(b.shape[0], a.shape[1], b.shape[1]) for b, a in pairs]
+def _shape_info(Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    shapes = [(b.shape[0], a.shape[1], b.shape[1]) for b, a in zip(Bs, As)]
     srank = core.structural_rank(shapes, device)
-    fp64 = core.to_device([b.dtype == torch.float64 and a.dtype == torch.float64 for b, a in pairs], torch.bool, device)
+    fp64 = core.to_device([b.dtype == torch.float64 and a.dtype == torch.float64 for b, a in zip(Bs, As)], torch.bool, device)
     return srank, fp64, [s[2] for s in shapes]
 
 
-def _unscaled_svdvals(pairs: Sequence[Pair], device: torch.device, method: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+@torch.no_grad()
+def _unscaled_svdvals(batch: _Batch, method: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """σ(B·A) ``[n, R]`` descending zero-padded, ‖B·A‖_F² ``[n]``, and the route flag ``[n]``
-    (True where the exact route was used); float64 on ``device``, no autograd."""
-    pairs = [(b.detach(), a.detach()) for b, a in pairs]
-    gb, ga = lora_ops.lora_gram([b for b, _ in pairs], [a for _, a in pairs])
-    srank, fp64, ranks = _shape_info(pairs, device)
+    (True where the exact route was used); float64 on the device, no autograd."""
+    gb, ga = _gram(batch)
+    srank, fp64, ranks = _shape_info(batch.Bs, batch.As, batch.device)
     mu, fro_sq, ill = core.gram_spectrum(gb, ga, srank, fp64)
     sv = mu.sqrt()
     if method == "qr":
-        redo = list(range(len(pairs)))
+        redo = list(range(len(batch.Bs)))
     elif method == "auto":
         redo = ill.nonzero().flatten().tolist()  # the one host read of "auto"
     else:
         redo = []
+    exact = torch.zeros_like(ill)
+    for i in redo:
+        sv[i, : ranks[i]] = core.qr_svdvals(batch.Bs[i], batch.As[i])
     if redo:
-        sv = sv.clone()
-        for i in redo:
-            sv[i, : ranks[i]] = core.qr_svdvals(*pairs[i])
-        ill = torch.zeros_like(ill)
-        ill[redo] = True
-    else:
-        ill = torch.zeros_like(ill)
-    return sv, fro_sq, ill
+        exact[redo] = True
+    return sv, fro_sq, exact
 
 
 def _reshape_out(batch: _Batch, x: torch.Tensor) -> torch.Tensor:
@@ -210,7 +236,7 @@ def delta_norm(
     _check_method("delta_norm", method)
     batch = _normalize("delta_norm", B, A, scaling)
     s = batch.scal.abs()
-    if not batch.pairs:
+    if not batch.Bs:
         return _reshape_out(batch, torch.zeros(0, dtype=torch.float64, device=batch.device))
     if _needs_grad(batch):
         if batch.stacked is not None:
@@ -222,7 +248,7 @@ def delta_norm(
                 out = sv[..., 0] if ord == 2 else sv.sum(-1)
         else:
             vals = []
-            for b, a in batch.pairs:
+            for b, a in zip(batch.Bs, batch.As):
                 if ord == "fro":
                     vals.append(core.safe_sqrt(core.fro_sq_autograd(b, a)))
                 else:
@@ -231,10 +257,10 @@ def delta_norm(
             out = torch.stack(vals)
         return _reshape_out(batch, out * s)
     if ord == "fro":
-        gb, ga = lora_ops.lora_gram([b.detach() for b, _ in batch.pairs], [a.detach() for _, a in batch.pairs])
+        gb, ga = _gram(batch)
         out = (gb * ga).sum((-2, -1)).clamp_min(0).sqrt()
     else:
-        sv, _, _ = _unscaled_svdvals(batch.pairs, batch.device, method)
+        sv, _, _ = _unscaled_svdvals(batch, method)
         if sv.shape[-1] == 0:
             out = sv.new_zeros(sv.shape[0])
         else:
@@ -265,18 +291,18 @@ def delta_svdvals(
         if batch.stacked is not None:
             out = core.qr_svdvals(*batch.stacked) * s.unsqueeze(-1)
             return _reshape_out(batch, out)
-        return [core.qr_svdvals(b, a) * s[i] for i, (b, a) in enumerate(batch.pairs)]
+        return [core.qr_svdvals(b, a) * s[i] for i, (b, a) in enumerate(zip(batch.Bs, batch.As))]
     if batch.stacked is not None:
         r = batch.stacked[0].shape[-1]
-        if not batch.pairs:
+        if not batch.Bs:
             return torch.zeros(batch.lead + (r,), dtype=torch.float64, device=batch.device)
-        sv, _, _ = _unscaled_svdvals(batch.pairs, batch.device, method)
+        sv, _, _ = _unscaled_svdvals(batch, method)
         return _reshape_out(batch, sv[:, :r] * s.unsqueeze(-1))
-    if not batch.pairs:
+    if not batch.Bs:
         return []
-    sv, _, _ = _unscaled_svdvals(batch.pairs, batch.device, method)
+    sv, _, _ = _unscaled_svdvals(batch, method)
     sv = sv * s.unsqueeze(-1)
-    return [sv[i, : b.shape[1]] for i, (b, _) in enumerate(batch.pairs)]
+    return [sv[i, : b.shape[1]] for i, b in enumerate(batch.Bs)]
 
 
 # --- per-adapter reports ------------------------------------------------------------------------
@@ -404,8 +430,8 @@ def geometry(
     found = _as_found(model_or_pairs, adapter_name, "geometry")
     out: dict[str, AdapterGeometry] = {}
     for device, idx in _by_device(found).items():
-        pairs = [(found[i].B, found[i].A) for i in idx]
-        sv, fro_sq, exact = _unscaled_svdvals(pairs, device, method)
+        batch = _Batch([found[i].B for i in idx], [found[i].A for i in idx], None, None, torch.empty(0), device, "geometry")
+        sv, fro_sq, exact = _unscaled_svdvals(batch, method)
         s = core.to_device([abs(found[i].scaling) for i in idx], torch.float64, device)
         sv = (sv * s.unsqueeze(-1)).cpu()
         fro = (fro_sq.sqrt() * s).cpu().tolist()
@@ -507,24 +533,27 @@ def principal_angles(
     for device, idx in _by_device([p[0] for p in pairs]).items():
         sel = [pairs[i] for i in idx]
         n = len(sel)
-        both = [(f.B, f.A) for f, _ in sel] + [(g.B, g.A) for _, g in sel]
-        gb, ga = lora_ops.lora_gram([b.detach() for b, _ in both], [a.detach() for _, a in both])
-        srank, fp64, ranks = _shape_info(both, device)
-        R = gb.shape[-1]
-        T, rank, ill = core.gram_bases(gb, ga, srank, fp64, core.to_device(ranks, torch.int64, device))
-        X = _cross_grams([f.B for f, _ in sel], [g.B for _, g in sel], R, device)
-        cos = core.cosines(T[:n].mT @ X @ T[n:]).cpu()
-        rank = rank.cpu().tolist()
-        ill = ill.cpu().tolist()
-        for j, (f, g) in enumerate(sel):
-            if method == "qr" or (method == "auto" and (ill[j] or ill[n + j])):
-                U1, U2 = core.qr_basis(f.B, f.A), core.qr_basis(g.B, g.A)
-                m = min(U1.shape[1], U2.shape[1])
-                c = torch.linalg.svdvals(U1.mT @ U2).cpu()[:m].clamp(0.0, 1.0) if m else torch.zeros(0, dtype=torch.float64)
-                r1, r2, route = U1.shape[1], U2.shape[1], "qr"
-            else:
-                r1, r2, route = rank[j], rank[n + j], "gram"
-                c = cos[j, : min(r1, r2)]
-            theta = torch.arccos(c)  # cosines descending: angles ascending
-            out[f.name] = PrincipalAngles(theta, float(theta.square().sum().sqrt()), r1, r2, route)
+        Bs = [f.B for f, _ in sel] + [g.B for _, g in sel]
+        As = [f.A for f, _ in sel] + [g.A for _, g in sel]
+        with torch.no_grad():
+            gb, ga = torch.ops.gradgeom.lora_gram(Bs, As)
+            srank, fp64, ranks = _shape_info(Bs, As, device)
+            R = gb.shape[-1]
+            T, rank, ill = core.gram_bases(gb, ga, srank, fp64, core.to_device(ranks, torch.int64, device))
+            X = _cross_grams(Bs[:n], Bs[n:], R, device)
+            cos = core.cosines(T[:n].mT @ X @ T[n:])
+            m = torch.minimum(rank[:n], rank[n:])
+            live = torch.arange(cos.shape[-1], device=device) < m.unsqueeze(-1)
+            theta = torch.where(live, torch.arccos(cos), torch.zeros_like(cos))  # ascending
+            dist = theta.square().sum(-1).sqrt()
+            theta, dist, rank, ill, m = theta.cpu(), dist.cpu().tolist(), rank.cpu().tolist(), ill.cpu().tolist(), m.tolist()
+            for j, (f, g) in enumerate(sel):
+                if method == "qr" or (method == "auto" and (ill[j] or ill[n + j])):
+                    U1, U2 = core.qr_basis(f.B, f.A), core.qr_basis(g.B, g.A)
+                    k = min(U1.shape[1], U2.shape[1])
+                    c = torch.linalg.svdvals(U1.mT @ U2)[:k].clamp(0.0, 1.0).cpu() if k else torch.zeros(0, dtype=torch.float64)
+                    th = torch.arccos(c)  # cosines descending: angles ascending
+                    out[f.name] = PrincipalAngles(th, float(th.square().sum().sqrt()), U1.shape[1], U2.shape[1], "qr")
+                else:
+                    out[f.name] = PrincipalAngles(theta[j, : m[j]], dist[j], rank[j], rank[n + j], "gram")
     return {f.name: out[f.name] for f, _ in pairs}

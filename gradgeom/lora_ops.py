@@ -97,7 +97,12 @@ def _lora_gram_fake(Bs, As):
     torch._check(len(Bs) == len(As), lambda: "lora_gram: Bs and As must have the same length")
     n = len(Bs)
     R = 0
-    for B in Bs:
+    for i, (B, A) in enumerate(zip(Bs, As)):
+        torch._check(B.dim() == 2 and A.dim() == 2, lambda: f"lora_gram: Bs[{i}] and As[{i}] must be 2-D")
+        torch._check(B.shape[1] == A.shape[0], lambda: f"lora_gram: inner dimension r differs for adapter {i}")
+        if B.device != Bs[0].device or A.device != Bs[0].device:
+            raise ValueError(f"lora_gram: all factors must be on one device: adapter {i} is on {B.device}/{A.device} "
+                             f"but Bs[0] is on {Bs[0].device}")
         R = torch.sym_max(R, B.shape[1])
     device = Bs[0].device if n else torch.device("cpu")
     return (
