@@ -177,10 +177,12 @@ def _shape_info(Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor], device: 
 
 
 @torch.no_grad()
-def _unscaled_svdvals(batch: _Batch, method: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _unscaled_svdvals(
+    batch: _Batch, method: str, grams: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """σ(B·A) ``[n, R]`` descending zero-padded, ‖B·A‖_F² ``[n]``, and the route flag ``[n]``
     (True where the exact route was used); float64 on the device, no autograd."""
-    gb, ga = _gram(batch)
+    gb, ga = _gram(batch) if grams is None else grams
     srank, fp64, ranks = _shape_info(batch.Bs, batch.As, batch.device)
     mu, fro_sq, ill = core.gram_spectrum(gb, ga, srank, fp64)
     sv = mu.sqrt()
@@ -359,14 +361,26 @@ def _as_found(obj: Any, adapter_name: Optional[str], op: str) -> list[FoundAdapt
     for name, p in items:
         if not isinstance(p, (list, tuple)) or len(p) not in (2, 3):
             raise TypeError(f"{op}: entry {name!r} must be (B, A) or (B, A, scaling), got {type(p).__name__}")
-        _check_pair(op, None, p[0], p[1], two_d=True)
         out.append(FoundAdapter(str(name), "", "", p[0], p[1], float(p[2]) if len(p) == 3 else 1.0, None))
     return out
+
+
+def _checked_gram(op: str, found: Sequence[FoundAdapter]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The native Gram launch over found adapters; on bad input, name the offending adapter."""
+    try:
+        with torch.no_grad():
+            return torch.ops.gradgeom.lora_gram([f.B for f in found], [f.A for f in found])
+    except (ValueError, TypeError, RuntimeError):
+        for f in found:
+            _check_pair(f"{op}: {f.name!r}", None, f.B, f.A, two_d=True)
+        raise
 
 
 def _by_device(found: Sequence[FoundAdapter]) -> dict[torch.device, list[int]]:
     groups: dict[torch.device, list[int]] = {}
     for i, f in enumerate(found):
+        if not isinstance(f.B, torch.Tensor) or not isinstance(f.A, torch.Tensor):
+            _check_pair(f.name, None, f.B, f.A, two_d=True)
         if f.A.device != f.B.device:
             raise ValueError(f"{f.name}: B is on {f.B.device} but A is on {f.A.device}")
         groups.setdefault(f.B.device, []).append(i)
@@ -430,8 +444,10 @@ def geometry(
     found = _as_found(model_or_pairs, adapter_name, "geometry")
     out: dict[str, AdapterGeometry] = {}
     for device, idx in _by_device(found).items():
-        batch = _Batch([found[i].B for i in idx], [found[i].A for i in idx], None, None, torch.empty(0), device, "geometry")
-        sv, fro_sq, exact = _unscaled_svdvals(batch, method)
+        sub = [found[i] for i in idx]
+        grams = _checked_gram("geometry", sub)
+        batch = _Batch([f.B for f in sub], [f.A for f in sub], None, None, torch.empty(0), device, "geometry")
+        sv, fro_sq, exact = _unscaled_svdvals(batch, method, grams)
         s = core.to_device([abs(found[i].scaling) for i in idx], torch.float64, device)
         sv = (sv * s.unsqueeze(-1)).cpu()
         fro = (fro_sq.sqrt() * s).cpu().tolist()
@@ -486,8 +502,8 @@ def _cross_grams(B1: list[torch.Tensor], B2: list[torch.Tensor], R: int, device:
     for i, (x, y) in enumerate(zip(B1, B2)):
         groups.setdefault((tuple(x.shape), tuple(y.shape)), []).append(i)
     for (sx, sy), idx in groups.items():
-        X = torch.stack([B1[i].detach() for i in idx]).to(torch.float64)
-        Y = torch.stack([B2[i].detach() for i in idx]).to(torch.float64)
+        X = torch.stack([B1[i] for i in idx]).to(torch.float64)
+        Y = torch.stack([B2[i] for i in idx]).to(torch.float64)
         out[idx, : sx[1], : sy[1]] = X.mT @ Y
     return out
 
@@ -533,10 +549,10 @@ def principal_angles(
     for device, idx in _by_device([p[0] for p in pairs]).items():
         sel = [pairs[i] for i in idx]
         n = len(sel)
-        Bs = [f.B for f, _ in sel] + [g.B for _, g in sel]
-        As = [f.A for f, _ in sel] + [g.A for _, g in sel]
+        both = [f for f, _ in sel] + [g for _, g in sel]
+        Bs, As = [f.B for f in both], [f.A for f in both]
+        gb, ga = _checked_gram("principal_angles", both)
         with torch.no_grad():
-            gb, ga = torch.ops.gradgeom.lora_gram(Bs, As)
             srank, fp64, ranks = _shape_info(Bs, As, device)
             R = gb.shape[-1]
             T, rank, ill = core.gram_bases(gb, ga, srank, fp64, core.to_device(ranks, torch.int64, device))

@@ -286,6 +286,12 @@ def test_bad_input_errors():
         lora.principal_angles({"x": (B, A)}, {"x": (torch.randn(6, 3), A)})
     with pytest.raises(TypeError, match="nn.Module"):
         lora.geometry(42)
+    with pytest.raises(ValueError, match="'x'.*inner dimension r"):
+        lora.geometry({"ok": (B, A), "x": (B, torch.randn(2, 4))})
+    with pytest.raises(ValueError, match="'x'.*2-D"):
+        lora.principal_angles({"x": (B[None], A)}, {"x": (B[None], A)})
+    with pytest.raises(TypeError, match="must be a torch.Tensor"):
+        lora.geometry({"x": (B, "A")})
 
 
 @requires_cuda
