@@ -23,6 +23,10 @@ TORCH_LIBRARY(gradgeom, m) {
   // A: float32/float64 [batch, n, n] symmetric (lower triangle read), n <= 1024. Jacobi eigen-solver.
   // Returns float64 eigenvalues [batch, n] ascending, eigenvectors [batch, n, n] (columns) or [0].
   m.def("sym_eigh(Tensor A, bool vectors) -> (Tensor, Tensor)");
+  // A: float32/float64 [batch, n, n] symmetric positive semi-definite (lower triangle read).
+  // Returns float64 F [batch, n, n] with F·Fᵀ = A (diagonally pivoted Cholesky; stops when the
+  // largest remaining pivot is <= tol·max(diag A), so F has A's numerical rank).
+  m.def("psd_cholesky(Tensor A, float tol) -> Tensor");
   // gradgeom-schemas: each new op adds its m.def line above this comment.
 }
 

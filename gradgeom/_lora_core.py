@@ -1,9 +1,10 @@
 """The factored linear algebra behind :mod:`gradgeom.lora` (batched, float64 r×r stage).
 
 Notation: adapter i has ΔWᵢ = sᵢ·Bᵢ·Aᵢ, Bᵢ ``[d, r]``, Aᵢ ``[r, k]``; G_B = BᵀB, G_A = A·Aᵀ from
-:func:`gradgeom.lora_ops.lora_gram` (zero-padded to ``[n, R, R]``). With G_B = V·Λ·Vᵀ and
-F = V·Λ^½ (so G_B = F·Fᵀ), M = Fᵀ·G_A·F has the eigenvalues σ²/s² of ΔW (the nonzero ones of
-G_B·G_A). The Gram route squares the condition number, so every routine also flags adapters
+:func:`gradgeom.lora_ops.lora_gram` (zero-padded to ``[n, R, R]``). For any factor G_B = F·Fᵀ,
+M = Fᵀ·G_A·F has the eigenvalues σ²/s² of ΔW (those of G_B·G_A). Spectra use the semi-definite
+Cholesky factor F = L (:func:`gradgeom.lora_ops.psd_cholesky`, diagonally pivoted, cheap for r up to 256); subspace
+bases use F = V·Λ^½ from G_B = V·Λ·Vᵀ, because they also need Λ^-½. The Gram route squares the condition number, so every routine also flags adapters
 whose small singular values it cannot resolve; those are recomputed by the exact route: thin QR
 of B and Aᵀ in float64, then the SVD of R_B·R_Aᵀ.
 """
@@ -17,10 +18,12 @@ import torch
 from gradgeom import lora_ops
 
 # An adapter is "ill-conditioned" for the Gram route when its smallest structural eigenvalue of
-# M falls below TOL·‖G_B‖₂·tr(G_A) (a bound on the eigenvalue error of M is ~ u·that product,
-# u the accumulation precision). Below it, σ_min would carry more than ~1 % relative error.
+# M falls below TOL·‖G_B‖_F·‖G_A‖_F (the eigenvalue error of M is about u·that product, u the
+# accumulation precision). Below it, σ_min would carry more than ~1 % relative error.
 COND_TOL_FP32 = 1e-4
 COND_TOL_FP64 = 1e-10
+# Pivoted Cholesky of G_B stops at pivots below CHOL_TOL·max(diag G_B).
+CHOL_TOL = 1e-14
 # Numerical rank on the exact (float64 QR) route: σ > RANK_TOL·σ_max.
 RANK_TOL = 1e-10
 
@@ -52,6 +55,11 @@ def structural_rank(shapes: list[tuple[int, int, int]], device: torch.device) ->
     return to_device([min(d, k, r) for d, k, r in shapes], torch.int64, device)
 
 
+def error_bound(gb: torch.Tensor, ga: torch.Tensor) -> torch.Tensor:
+    """‖G_B‖_F·‖G_A‖_F ``[n]``: the scale of the eigenvalue error of M from Gram rounding."""
+    return torch.linalg.matrix_norm(gb) * torch.linalg.matrix_norm(ga)
+
+
 def _sym(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * (x + x.mT)
 
@@ -76,14 +84,12 @@ def gram_spectrum(
     if R == 0:
         empty = gb.new_zeros((n, 0))
         return empty, fro_sq, torch.zeros(n, dtype=torch.bool, device=gb.device)
-    lam_b, V = eigh(gb)
-    lam_b = lam_b.clamp_min(0)
-    F = V * lam_b.sqrt().unsqueeze(-2)
-    mu, _ = eigh(_sym(F.mT @ ga @ F), vectors=False)
+    L = lora_ops.psd_cholesky(gb, tol=CHOL_TOL)
+    mu, _ = eigh(_sym(L.mT @ ga @ L), vectors=False)
     mu = mu.clamp_min(0).flip(-1)
     idx = torch.arange(R, device=gb.device)
     mu = torch.where(idx < srank.unsqueeze(-1), mu, torch.zeros((), dtype=mu.dtype, device=mu.device))
-    bound = lam_b[:, -1] * torch.diagonal(ga, dim1=-2, dim2=-1).sum(-1)
+    bound = error_bound(gb, ga)
     mu_min = mu.gather(-1, (srank - 1).clamp_min(0).unsqueeze(-1)).squeeze(-1)
     tol = torch.where(fp64, COND_TOL_FP64, COND_TOL_FP32)
     ill = (srank > 0) & (mu[:, 0] > 0) & (mu_min < tol * bound)
@@ -152,7 +158,7 @@ def gram_bases(
     keep = (idx < srank.unsqueeze(-1)) & (mu > 0)
     inv = torch.where(lam_b > 0, lam_b.clamp_min(1e-300).rsqrt(), torch.zeros_like(lam_b))
     T = (V * inv.unsqueeze(-2)) @ (W * keep.unsqueeze(-2))
-    bound = lam_b[:, -1] * torch.diagonal(ga, dim1=-2, dim2=-1).sum(-1)
+    bound = error_bound(gb, ga)
     mu_min = mu.gather(-1, (srank - 1).clamp_min(0).unsqueeze(-1)).squeeze(-1)
     tol = torch.where(fp64, COND_TOL_FP64, COND_TOL_FP32)
     ill = ((srank > 0) & (mu[:, 0] > 0) & (mu_min < tol * bound)) | ((srank < R_full) & (mu[:, 0] > 0))

@@ -13,7 +13,7 @@ import torch
 
 from gradgeom import _native  # noqa: F401  (registers torch.ops.gradgeom)
 
-__all__ = ["lora_gram", "sym_eigh"]
+__all__ = ["lora_gram", "psd_cholesky", "sym_eigh"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -90,6 +90,35 @@ def sym_eigh(A: torch.Tensor, *, vectors: bool = True) -> tuple[torch.Tensor, to
     if A.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"sym_eigh: A must be float32 or float64, got {A.dtype}")
     return torch.ops.gradgeom.sym_eigh(A, vectors)
+
+
+def psd_cholesky(A: torch.Tensor, *, tol: float = 1e-14) -> torch.Tensor:
+    """Diagonally pivoted Cholesky factors of symmetric positive semi-definite matrices (float64).
+
+    Args:
+        A: float32 / float64 ``[batch, n, n]``, ``n <= 1024``; only the lower triangle is read.
+        tol: stop when the largest remaining pivot is ≤ ``tol``·max(diag A).
+
+    Returns:
+        float64 ``[batch, n, n]`` F with F·Fᵀ = A up to that tolerance (F is a row-permuted
+        lower-triangular matrix; its nonzero columns are A's numerical rank). Unlike
+        ``torch.linalg.cholesky`` it never fails on singular input (a zero matrix gives F = 0),
+        and pivoting keeps rounding noise in a rank-deficient Gram matrix from being amplified.
+        One block per matrix on CUDA (shared memory for n ≤ 128).
+    """
+    if not isinstance(A, torch.Tensor):
+        raise TypeError(f"psd_cholesky: A must be a torch.Tensor, got {type(A).__name__}")
+    if A.dim() != 3 or A.shape[1] != A.shape[2]:
+        raise ValueError(f"psd_cholesky: A must be a batch of square matrices [batch, n, n], got shape {tuple(A.shape)}")
+    if A.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"psd_cholesky: A must be float32 or float64, got {A.dtype}")
+    return torch.ops.gradgeom.psd_cholesky(A, float(tol))
+
+
+@torch.library.register_fake("gradgeom::psd_cholesky")
+def _psd_cholesky_fake(A, tol):
+    torch._check(A.dim() == 3, lambda: "psd_cholesky: A must be [batch, n, n]")
+    return A.new_empty(A.shape, dtype=torch.float64)
 
 
 @torch.library.register_fake("gradgeom::lora_gram")

@@ -57,7 +57,7 @@ def group_moments(
 
 # --- LoRA geometry (issue 4) -------------------------------------------------------------------
 
-__all__ += ["lora_gram", "sym_eigh"]
+__all__ += ["lora_gram", "psd_cholesky", "sym_eigh"]
 
 
 def lora_gram(
@@ -86,3 +86,12 @@ def sym_eigh(A: torch.Tensor, *, vectors: bool = True) -> tuple[torch.Tensor, to
     if not vectors:
         V = torch.empty(0, dtype=torch.float64)
     return w.to(A.device), V.to(A.device)
+
+
+def psd_cholesky(A: torch.Tensor, *, tol: float = 1e-14) -> torch.Tensor:
+    """Reference for :func:`gradgeom.lora_ops.psd_cholesky` on positive definite input: LAPACK
+    Cholesky in float64 of the lower triangle. (The op pivots, so its F equals this L only up to
+    a row permutation and column signs; compare F·Fᵀ, or F·Fᵀ's eigenvalues.)"""
+    a = A.detach().to("cpu", torch.float64)
+    a = torch.tril(a) + torch.tril(a, -1).mT
+    return torch.linalg.cholesky(a).to(A.device)

@@ -221,3 +221,52 @@ def test_cuda_ops_do_not_synchronise():
         lora_ops.sym_eigh(gb, vectors=True)
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+# --- psd_cholesky -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 33, 64, 129])
+def test_psd_cholesky_positive_definite_matches_lapack(device, n):
+    X = torch.randn(3, n, n + 3, dtype=torch.float64, device=device)
+    A = X @ X.mT
+    F = lora_ops.psd_cholesky(A)
+    ref = reference.psd_cholesky(A)
+    torch.testing.assert_close((F @ F.mT).cpu(), (ref @ ref.mT).cpu(), rtol=1e-11, atol=1e-11 * float(A.abs().max()))
+    # Row-permuted lower triangular: column j has n - j nonzeros at most.
+    assert torch.all((F != 0).sum(-2) <= torch.arange(n, 0, -1, device=F.device))
+
+
+@pytest.mark.parametrize("n", [4, 16, 65])
+def test_psd_cholesky_semidefinite(device, n):
+    Y = torch.randn(4, n, n // 3 + 1, dtype=torch.float64, device=device)
+    A = Y @ Y.mT                          # rank n/3 + 1
+    A[1] = 0                              # zero Gram (LoRA B at init)
+    A[2, :, n // 2] = A[2, n // 2, :] = 0  # one zero direction
+    A_in = A.float() if n == 16 else A  # float32 input: rounded, so slightly indefinite
+    L = lora_ops.psd_cholesky(A_in)
+    assert torch.isfinite(L).all()
+    assert torch.equal(L[1], torch.zeros_like(L[1]))
+    if n != 16:  # float64 input: exactly the numerical rank (float32 rounding noise has full rank)
+        assert torch.all(L[0, :, n // 3 + 1:] == 0)
+    err = (L @ L.mT - A_in.double()).abs().amax((-2, -1))
+    scale = A.abs().amax((-2, -1)).clamp_min(1e-300)
+    # What is left is about tol·max(diag), or the input's own rounding noise.
+    tol = 1e-6 if n == 16 else 1e-12
+    assert torch.all(err <= tol * scale), err / scale
+
+
+def test_psd_cholesky_bad_input_and_opcheck(device):
+    with pytest.raises(ValueError, match="square"):
+        lora_ops.psd_cholesky(torch.randn(2, 3, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="square"):
+        torch.ops.gradgeom.psd_cholesky(torch.randn(3, 3, dtype=torch.float64), 1e-14)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        torch.ops.gradgeom.psd_cholesky(torch.randn(1, 3, 3).half(), 1e-14)
+    assert lora_ops.psd_cholesky(torch.zeros(0, 3, 3)).shape == (0, 3, 3)
+    X = torch.randn(2, 5, 5, dtype=torch.float64, device=device)
+    torch.library.opcheck(torch.ops.gradgeom.psd_cholesky.default, (X @ X.mT, 1e-14))
+    nan = X @ X.mT
+    nan[0, 2, 2] = float("nan")
+    F = lora_ops.psd_cholesky(nan)
+    assert torch.isnan(F[0]).all() and torch.isfinite(F[1]).all()

@@ -1,9 +1,10 @@
-// sym_eigh on CUDA: one block per matrix runs the parallel cyclic Jacobi solver of jacobi.h in
-// fp64. The matrix (and the eigenvectors, when asked for) live in shared memory when they fit
+// The batched r x r ops on CUDA, one block per matrix, fp64. psd_cholesky runs psd_cholesky.h
+// (in shared memory for n <= 128). sym_eigh runs the parallel cyclic Jacobi solver of jacobi.h. The matrix (and the eigenvectors, when asked for) live in shared memory when they fit
 // the block's opt-in limit (n <= 128 for eigenvalues, n <= 64 with vectors on an H100), else in
 // a global workspace that stays L2-resident. Avoids cuSOLVER's batched syevj cliff at n > 32.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/full.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -14,7 +15,8 @@
 #include <tuple>
 
 #include "gradgeom/jacobi.h"
-#include "gradgeom/sym_eigh_check.h"
+#include "gradgeom/psd_cholesky.h"
+#include "gradgeom/rxr_check.h"
 
 namespace gradgeom {
 namespace {
@@ -59,7 +61,7 @@ __global__ void sym_eigh_kernel(const double* in, int n, int m, int ld, bool vec
 }
 
 std::tuple<at::Tensor, at::Tensor> sym_eigh_cuda(const at::Tensor& A, bool vectors) {
-  check_sym_eigh_input(A);
+  check_square_batch("sym_eigh", A);
   const c10::cuda::CUDAGuard guard(A.device());
   const at::Tensor a64 = A.to(at::kDouble).contiguous();
   const int64_t batch = a64.size(0);
@@ -98,10 +100,57 @@ std::tuple<at::Tensor, at::Tensor> sym_eigh_cuda(const at::Tensor& A, bool vecto
   return {w, V};
 }
 
+__global__ void psd_cholesky_kernel(const double* in, int n, int ld, double tol, bool use_smem, double* work,
+                                    double* F) {
+  extern __shared__ double smem[];
+  const int64_t b = blockIdx.x;
+  double* scratch = smem;  // 2 + n doubles
+  double* a = use_smem ? smem + 2 + n : work + b * int64_t(n) * ld;
+  const double* src = in + b * int64_t(n) * n;
+  for (int e = threadIdx.x; e < n * n; e += blockDim.x) {
+    const int i = e / n;
+    const int k = e - i * n;
+    a[i * ld + k] = i >= k ? src[e] : src[k * n + i];  // lower triangle, mirrored
+  }
+  __syncthreads();
+  cholesky::factor(a, ld, n, tol, F + b * int64_t(n) * n, scratch, threadIdx.x, blockDim.x, BlockSync{});
+}
+
+at::Tensor psd_cholesky_cuda(const at::Tensor& A, double tol) {
+  check_square_batch("psd_cholesky", A);
+  const c10::cuda::CUDAGuard guard(A.device());
+  const at::Tensor a64 = A.to(at::kDouble).contiguous();
+  at::Tensor F = at::empty_like(a64);
+  const int64_t batch = a64.size(0);
+  const int n = static_cast<int>(a64.size(1));
+  if (batch == 0 || n == 0) return F;
+  TORCH_CHECK(batch < (int64_t(1) << 31), "psd_cholesky: batch too large (", batch, ")");
+  const int ld = n + 1;
+  const int64_t scratch_bytes = (2 + int64_t(n)) * static_cast<int64_t>(sizeof(double));
+  const int64_t mat_bytes = int64_t(n) * ld * static_cast<int64_t>(sizeof(double));
+  int optin = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, A.device().index()));
+  const bool use_smem = scratch_bytes + mat_bytes <= optin - 1024;
+  const int64_t dyn = scratch_bytes + (use_smem ? mat_bytes : 0);
+  if (dyn > 48 * 1024)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(psd_cholesky_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(dyn)));
+  at::Tensor work;
+  if (!use_smem) work = at::empty({batch, n, ld}, a64.options());
+  const int threads = n <= 32 ? 128 : (n <= 64 ? 256 : 512);
+  psd_cholesky_kernel<<<static_cast<unsigned>(batch), threads, static_cast<size_t>(dyn),
+                        c10::cuda::getCurrentCUDAStream()>>>(a64.data_ptr<double>(), n, ld, tol, use_smem,
+                                                             use_smem ? nullptr : work.data_ptr<double>(),
+                                                             F.data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return F;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(gradgeom, CUDA, m) {
   m.impl("sym_eigh", &sym_eigh_cuda);
+  m.impl("psd_cholesky", &psd_cholesky_cuda);
 }
 
 }  // namespace gradgeom
