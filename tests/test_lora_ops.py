@@ -37,7 +37,8 @@ def device(request):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("d,k,r", [(1, 1, 1), (7, 3, 2), (129, 65, 8), (4128, 64, 33), (64, 4128, 64), (300, 7, 256),
-                                   (65537, 1, 3), (0, 5, 4), (5, 0, 4), (3, 3, 0)])
+                                   (65537, 1, 3), (0, 5, 4), (5, 0, 4), (3, 3, 0),
+                                   (200, 150, 80), (129, 1, 100)])
 def test_lora_gram_single_matches_reference(device, dtype, d, k, r):
     B, A = rand((d, r), dtype, device), rand((r, k), dtype, device, 0.1)
     gb, ga = lora_ops.lora_gram([B], [A])
@@ -254,6 +255,18 @@ def test_psd_cholesky_semidefinite(device, n):
     # What is left is about tol·max(diag), or the input's own rounding noise.
     tol = 1e-6 if n == 16 else 1e-12
     assert torch.all(err <= tol * scale), err / scale
+
+
+@requires_cuda
+@pytest.mark.parametrize("n", [256, 300])
+def test_cuda_psd_cholesky_large_matches_cpu(n):
+    """n > 128 runs from global memory on the GPU."""
+    for cols in (n + 3, n // 2):  # full rank, then rank n/2
+        Y = torch.randn(3, n, cols, dtype=torch.float64)
+        A = Y @ Y.mT
+        F = lora_ops.psd_cholesky(A.cuda()).cpu()
+        assert torch.isfinite(F).all()
+        assert ((F @ F.mT - A).abs().max() <= 1e-11 * A.abs().max())
 
 
 def test_psd_cholesky_bad_input_and_opcheck(device):

@@ -1,7 +1,8 @@
 // lora_gram on CUDA. One launch computes, for every Gram job XᵀX (lora_gram_plan.h), every
 // 64 x 64 tile on or above the diagonal of its r x r result, over every split of its rows:
-// the block stages 32 rows of the two column panels in shared memory (widened to fp32, or fp64
-// for fp64 input) and each thread accumulates a 4 x 4 register tile. Partials are written per
+// the block stages a chunk of rows of the two column panels in shared memory (widened to fp32,
+// or fp64 for fp64 input) and each thread accumulates a 4 x 4 register tile. A narrow diagonal
+// tile (r <= 16 or <= 32) stages 128 or 64 rows per chunk instead of 32. Partials are written per
 // split in fp64; a second launch sums each entry's splits in split order and writes the padded
 // [n, R, R] outputs. No atomics: bitwise deterministic. Current stream, no host synchronisation.
 #include <ATen/core/Tensor.h>
@@ -26,8 +27,8 @@ using namespace cuda_detail;
 
 constexpr int kThreads = 256;
 constexpr int kTile = 64;        // output tile edge
-constexpr int kChunk = 32;       // rows staged in shared memory at a time
-constexpr int kPad = kTile + 1;  // shared-memory row length
+constexpr int kChunk = 32;       // rows staged per chunk for a full-width panel
+constexpr int kPanel = 2176;     // panel elements: max over widths w of (kChunk*kTile/w)*(w+1)
 constexpr int64_t kMinSplitRows = 256;
 
 struct DeviceGramJob {
@@ -52,27 +53,40 @@ struct DeviceGramUnit {
 };
 static_assert(sizeof(DeviceGramUnit) == 16, "DeviceGramUnit must be 2 words");
 
+// Panel geometry of one unit: `width` columns padded to wpad in {16, 32, 64}, `rows` per chunk,
+// `stride` elements per staged row.
+struct PanelShape {
+  int wpad;
+  int rows;
+  int stride;
+};
+
+__device__ __forceinline__ PanelShape panel_shape(int width) {
+  const int wpad = width <= 16 ? 16 : (width <= 32 ? 32 : kTile);
+  return PanelShape{wpad, kChunk * kTile / wpad, wpad + 1};
+}
+
 template <typename Kind>
 __device__ __forceinline__ void stage_panel(const DeviceGramJob& job, int64_t row0, int64_t rows_left, int col0,
-                                            typename Kind::acc* panel) {
+                                            const PanelShape& ps, typename Kind::acc* panel) {
   using acc_t = typename Kind::acc;
   using storage = typename Kind::storage;
   const storage* base = static_cast<const storage*>(job.data);
   const int width = min(kTile, job.cols - col0);
-  const int height = rows_left < kChunk ? static_cast<int>(rows_left) : kChunk;
-  for (int e = threadIdx.x; e < kChunk * kTile; e += kThreads) {
+  const int height = rows_left < ps.rows ? static_cast<int>(rows_left) : ps.rows;
+  for (int e = threadIdx.x; e < ps.rows * ps.wpad; e += kThreads) {
     int row, col;
     if (job.col_stride == 1) {  // consecutive threads walk along a row of X
-      row = e / kTile;
-      col = e % kTile;
+      row = e / ps.wpad;
+      col = e - row * ps.wpad;
     } else {  // consecutive threads walk down a column of X (a row of A)
-      row = e % kChunk;
-      col = e / kChunk;
+      col = e / ps.rows;
+      row = e - col * ps.rows;
     }
     acc_t v = acc_t(0);
     if (row < height && col < width)
       v = Kind::widen(base[(row0 + row) * job.row_stride + int64_t(col0 + col) * job.col_stride]);
-    panel[row * kPad + col] = v;
+    panel[row * ps.stride + col] = v;
   }
 }
 
@@ -80,23 +94,26 @@ template <typename Kind>
 __device__ void unit_gram(const DeviceGramJob& job, const DeviceGramUnit& u, unsigned char* smem, double* partials) {
   using acc_t = typename Kind::acc;
   acc_t* panel_i = reinterpret_cast<acc_t*>(smem);
-  acc_t* panel_j = u.ti == u.tj ? panel_i : panel_i + kChunk * kPad;
+  acc_t* panel_j = u.ti == u.tj ? panel_i : panel_i + kPanel;
+  // Off-diagonal tiles pair a full panel with another: full width. A diagonal tile may be narrow.
+  const PanelShape ps = panel_shape(u.ti == u.tj ? min(kTile, job.cols - u.ti * kTile) : kTile);
   const int tx = threadIdx.x % 16;
   const int ty = threadIdx.x / 16;
   const int64_t row_begin = int64_t(u.split) * job.rows_per_split;
   const int64_t row_end = min(job.rows, row_begin + job.rows_per_split);
   acc_t acc[4][4] = {};
-  for (int64_t row0 = row_begin; row0 < row_end; row0 += kChunk) {
-    stage_panel<Kind>(job, row0, row_end - row0, u.ti * kTile, panel_i);
-    if (u.ti != u.tj) stage_panel<Kind>(job, row0, row_end - row0, u.tj * kTile, panel_j);
+  for (int64_t row0 = row_begin; row0 < row_end; row0 += ps.rows) {
+    stage_panel<Kind>(job, row0, row_end - row0, u.ti * kTile, ps, panel_i);
+    if (u.ti != u.tj) stage_panel<Kind>(job, row0, row_end - row0, u.tj * kTile, ps, panel_j);
     __syncthreads();
 #pragma unroll 4
-    for (int t = 0; t < kChunk; ++t) {
+    for (int t = 0; t < ps.rows; ++t) {
       acc_t xi[4], xj[4];
 #pragma unroll
       for (int a = 0; a < 4; ++a) {
-        xi[a] = panel_i[t * kPad + ty + 16 * a];
-        xj[a] = panel_j[t * kPad + tx + 16 * a];
+        const bool in = 16 * a < ps.wpad;
+        xi[a] = in ? panel_i[t * ps.stride + ty + 16 * a] : acc_t(0);
+        xj[a] = in ? panel_j[t * ps.stride + tx + 16 * a] : acc_t(0);
       }
 #pragma unroll
       for (int a = 0; a < 4; ++a)
@@ -123,7 +140,7 @@ __device__ void unit_gram(const DeviceGramJob& job, const DeviceGramUnit& u, uns
 
 __global__ void __launch_bounds__(kThreads) gram_units_kernel(const DeviceGramJob* jobs, const DeviceGramUnit* units,
                                                               double* partials) {
-  __shared__ __align__(16) unsigned char smem[2 * kChunk * kPad * sizeof(double)];
+  __shared__ __align__(16) unsigned char smem[2 * kPanel * sizeof(double)];
   const DeviceGramUnit u = units[blockIdx.x];
   const DeviceGramJob job = jobs[u.job];
   switch (static_cast<ElemType>(job.type)) {

@@ -20,6 +20,50 @@
 namespace gradgeom {
 namespace cholesky {
 
+// Largest diagonal entry among the unused rows (ties: the smaller index) -> scratch[0] (index,
+// -1 if none) and scratch[1] (value). GPU: warp 0 with shuffles (blockDim >= 32); CPU: serial.
+GG_JACOBI_FN void pick_pivot(const double* a, int ld, int n, const double* used, double* scratch, int tid) {
+#if defined(__CUDA_ARCH__)
+  if (tid < 32) {
+    int p = -1;
+    double best = 0.0;
+    for (int i = tid; i < n; i += 32) {
+      const double x = a[i * ld + i];
+      if (used[i] == 0.0 && (p < 0 || x > best)) {
+        p = i;
+        best = x;
+      }
+    }
+    for (int offset = 16; offset > 0; offset >>= 1) {
+      const int q = __shfl_down_sync(0xffffffffu, p, offset);
+      const double v = __shfl_down_sync(0xffffffffu, best, offset);
+      if (q >= 0 && (p < 0 || v > best || (v == best && q < p))) {
+        p = q;
+        best = v;
+      }
+    }
+    if (tid == 0) {
+      scratch[0] = p;
+      scratch[1] = best;
+    }
+  }
+#else
+  if (tid == 0) {
+    int p = -1;
+    double best = 0.0;
+    for (int i = 0; i < n; ++i) {
+      const double x = a[i * ld + i];
+      if (used[i] == 0.0 && (p < 0 || x > best)) {
+        p = i;
+        best = x;
+      }
+    }
+    scratch[0] = p;
+    scratch[1] = best;
+  }
+#endif
+}
+
 // scratch: 2 + n doubles visible to every thread (pivot index, pivot value, "used" marks).
 template <typename Sync>
 GG_JACOBI_FN void factor(double* a, int ld, int n, double tol, double* F, double* scratch, int tid, int nthreads,
@@ -47,19 +91,7 @@ GG_JACOBI_FN void factor(double* a, int ld, int n, double tol, double* F, double
   }
   int j = 0;
   for (; j < n; ++j) {
-    if (tid == 0) {
-      int p = -1;
-      double best = 0.0;
-      for (int i = 0; i < n; ++i) {
-        const double x = a[i * ld + i];
-        if (used[i] == 0.0 && (p < 0 || x > best)) {
-          p = i;
-          best = x;
-        }
-      }
-      scratch[0] = p;
-      scratch[1] = best;
-    }
+    pick_pivot(a, ld, n, used, scratch, tid);
     sync();
     const int p = static_cast<int>(scratch[0]);
     const double piv = scratch[1];
