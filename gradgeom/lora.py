@@ -11,7 +11,8 @@ Functional API (``from gradgeom import lora``):
 
 All of it costs O((d + k)·r²) per adapter and never allocates a d×k buffer: one native launch
 (:func:`gradgeom.lora_ops.lora_gram`) forms every BᵀB and A·Aᵀ, then a batched float64 r×r stage
-(a one-block-per-matrix Jacobi solver on CUDA, LAPACK on CPU) gives the spectrum. The Gram
+(pivoted PSD Cholesky, then a one-block-per-matrix Jacobi eigen-solver on CUDA or LAPACK on CPU)
+gives the spectrum. The Gram
 route squares the condition number; ``method="auto"`` detects adapters whose small singular
 values it cannot resolve (≈1 % accuracy bound) and recomputes those exactly (float64 thin QR of B
 and Aᵀ, then an r×r SVD). ``"auto"`` reads that flag from the device once (a host
@@ -24,14 +25,13 @@ padded with exact zeros.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from gradgeom import _lora_core as core
-from gradgeom import lora_ops
 from gradgeom._lora_peft import FoundAdapter, discover, scaling_from_config
 
 __all__ = [
