@@ -20,14 +20,19 @@ Targets on an H100: Frobenius < 0.3 ms, singular values < 1 ms for r <= 128, ang
 
 from __future__ import annotations
 
+import os
 import statistics
+import sys
 import time
 from typing import Callable
 
 import pytest
 import torch
 
-from gradgeom import lora
+if __name__ == "__main__":  # run as a script from anywhere: import gradgeom from this checkout
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from gradgeom import lora  # noqa: E402
 
 GPU = dict(n=224, d=4096, k=4096, ranks=(8, 16, 64, 128), dtype=torch.bfloat16)
 CPU = dict(n=32, d=1024, k=1024, ranks=(8, 16, 64), dtype=torch.float32)

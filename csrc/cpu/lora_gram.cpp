@@ -1,8 +1,10 @@
 // lora_gram on the CPU. Each Gram job XᵀX (see lora_gram_plan.h) is cut into blocks of kRows
-// rows; blocks run in parallel (at::parallel_for), each accumulating the upper triangle of its
-// r x r partial in fp32 (fp64 for fp64 input) from rows widened into a small fp32 buffer. The
-// partials of a job are then summed in block order in fp64, so the result does not depend on
-// the thread count.
+// rows; blocks run in parallel (at::parallel_for). A block gathers its rows column by column into
+// a small column-major buffer (widened to fp32, fp64 for fp64 input; walking memory in the
+// order the strides favour), then each 2 x 2 tile on or above the diagonal of its r x r partial
+// is four dot products of buffer columns, summed in kLanes fixed lanes (SIMD without
+// reassociation flags). The partials of a job are summed in block order in fp64, so the result does not
+// depend on the thread count.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/zeros.h>
@@ -18,8 +20,8 @@
 namespace gradgeom {
 namespace {
 
-constexpr int64_t kRows = 256;  // rows per parallel block
-constexpr int64_t kGroup = 4;   // rows folded into one pass over the triangle
+constexpr int64_t kRows = 256;  // rows per parallel block (a multiple of kLanes)
+constexpr int kLanes = 16;
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define GG_LORA_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -27,62 +29,97 @@ constexpr int64_t kGroup = 4;   // rows folded into one pass over the triangle
 #define GG_LORA_SIMD_CLONES
 #endif
 
-template <typename Acc>
-inline Acc load_as(const GramJob& job, int64_t row, int64_t col) {
-  const int64_t off = row * job.row_stride + col * job.col_stride;
-  switch (job.type) {
-    case ElemType::kFloat32: return static_cast<Acc>(static_cast<const float*>(job.data)[off]);
-    case ElemType::kFloat64: return static_cast<Acc>(static_cast<const double*>(job.data)[off]);
-    case ElemType::kFloat16: return static_cast<Acc>(static_cast<float>(static_cast<const c10::Half*>(job.data)[off]));
-    case ElemType::kBFloat16:
-      return static_cast<Acc>(static_cast<float>(static_cast<const c10::BFloat16*>(job.data)[off]));
-  }
-  return Acc(0);
+template <typename Acc, typename Src>
+inline Acc widen(Src v) {
+  return static_cast<Acc>(static_cast<float>(v));
+}
+template <>
+inline double widen<double, double>(double v) {
+  return v;
 }
 
-// acc[i*r + j] += sum_t x[t*r + i] * x[t*r + j] for j >= i, over `rows` (<= kGroup) rows of x.
+// xt[c * kRows + t] = X[row0 + t, c] for t < rows (zero up to kRows).
+template <typename Acc, typename Src>
+void gather(const GramJob& job, int64_t row0, int64_t rows, Acc* xt) {
+  const Src* base = static_cast<const Src*>(job.data);
+  const int64_t r = job.cols, rs = job.row_stride, cs = job.col_stride;
+  if (rs == 1 && cs != 1) {  // X = Aᵀ of a row-major A: walk along A's rows
+    for (int64_t c = 0; c < r; ++c) {
+      const Src* col = base + c * cs + row0;
+      for (int64_t t = 0; t < rows; ++t) xt[c * kRows + t] = widen<Acc, Src>(col[t]);
+    }
+  } else {
+    for (int64_t t = 0; t < rows; ++t) {
+      const Src* row = base + (row0 + t) * rs;
+      for (int64_t c = 0; c < r; ++c) xt[c * kRows + t] = widen<Acc, Src>(row[c * cs]);
+    }
+  }
+  for (int64_t c = 0; c < r; ++c)
+    for (int64_t t = rows; t < kRows; ++t) xt[c * kRows + t] = Acc(0);
+}
+
+// out[i * r2 + j] (j >= i, even r2) = dot of buffer columns i and j, in 2 x 2 tiles: each loaded
+// column feeds two products. One call per block, so the SIMD dispatch costs nothing per entry.
 template <typename Acc>
-__attribute__((always_inline)) inline void rank_update_impl(Acc* __restrict acc, const Acc* __restrict x, int64_t r,
-                                                            int64_t rows) {
-  const Acc* x0 = x;
-  const Acc* x1 = x + r;
-  const Acc* x2 = x + 2 * r;
-  const Acc* x3 = x + 3 * r;
-  for (int64_t i = 0; i < r; ++i) {
-    Acc* row = acc + i * r;
-    if (rows == kGroup) {
-      const Acc a0 = x0[i], a1 = x1[i], a2 = x2[i], a3 = x3[i];
-      for (int64_t j = i; j < r; ++j) row[j] += a0 * x0[j] + a1 * x1[j] + a2 * x2[j] + a3 * x3[j];
-    } else {
-      for (int64_t t = 0; t < rows; ++t) {
-        const Acc* xt = x + t * r;
-        const Acc a = xt[i];
-        for (int64_t j = i; j < r; ++j) row[j] += a * xt[j];
+__attribute__((always_inline)) inline void block_products_impl(const Acc* __restrict xt, int64_t r2,
+                                                               Acc* __restrict out) {
+  for (int64_t i0 = 0; i0 < r2; i0 += 2) {
+    const Acc* x0 = xt + i0 * kRows;
+    const Acc* x1 = x0 + kRows;
+    for (int64_t j0 = i0; j0 < r2; j0 += 2) {
+      const Acc* y0 = xt + j0 * kRows;
+      const Acc* y1 = y0 + kRows;
+      Acc a00[kLanes] = {}, a01[kLanes] = {}, a10[kLanes] = {}, a11[kLanes] = {};
+      for (int64_t t = 0; t < kRows; t += kLanes) {
+        for (int l = 0; l < kLanes; ++l) {
+          const Acc u0 = x0[t + l], u1 = x1[t + l], v0 = y0[t + l], v1 = y1[t + l];
+          a00[l] += u0 * v0;
+          a01[l] += u0 * v1;
+          a10[l] += u1 * v0;
+          a11[l] += u1 * v1;
+        }
       }
+      Acc s00 = 0, s01 = 0, s10 = 0, s11 = 0;
+      for (int l = 0; l < kLanes; ++l) {
+        s00 += a00[l];
+        s01 += a01[l];
+        s10 += a10[l];
+        s11 += a11[l];
+      }
+      out[i0 * r2 + j0] = s00;
+      out[i0 * r2 + j0 + 1] = s01;
+      out[(i0 + 1) * r2 + j0] = s10;
+      out[(i0 + 1) * r2 + j0 + 1] = s11;
     }
   }
 }
 
-GG_LORA_SIMD_CLONES void rank_update(float* acc, const float* x, int64_t r, int64_t rows) {
-  rank_update_impl<float>(acc, x, r, rows);
+GG_LORA_SIMD_CLONES void block_products(const float* xt, int64_t r2, float* out) {
+  block_products_impl<float>(xt, r2, out);
+}
+GG_LORA_SIMD_CLONES void block_products(const double* xt, int64_t r2, double* out) {
+  block_products_impl<double>(xt, r2, out);
 }
 
-GG_LORA_SIMD_CLONES void rank_update(double* acc, const double* x, int64_t r, int64_t rows) {
-  rank_update_impl<double>(acc, x, r, rows);
-}
-
-template <typename Acc>
+template <typename Acc, typename Src>
 void block_gram(const GramJob& job, int64_t row_begin, int64_t row_end, double* partial) {
   const int64_t r = job.cols;
-  std::vector<Acc> acc(r * r, Acc(0));
-  std::vector<Acc> x(kGroup * r);
-  for (int64_t row = row_begin; row < row_end; row += kGroup) {
-    const int64_t rows = std::min(kGroup, row_end - row);
-    for (int64_t t = 0; t < rows; ++t)
-      for (int64_t c = 0; c < r; ++c) x[t * r + c] = load_as<Acc>(job, row + t, c);
-    rank_update(acc.data(), x.data(), r, rows);
+  const int64_t r2 = (r + 1) / 2 * 2;
+  std::vector<Acc> xt(r2 * kRows, Acc(0));
+  std::vector<Acc> out(r2 * r2);
+  gather<Acc, Src>(job, row_begin, row_end - row_begin, xt.data());
+  block_products(xt.data(), r2, out.data());
+  for (int64_t i = 0; i < r; ++i)
+    for (int64_t j = i; j < r; ++j) partial[i * r + j] = static_cast<double>(out[i * r2 + j]);
+}
+
+void run_block(const GramJob& job, int64_t row_begin, int64_t row_end, double* partial) {
+  switch (job.type) {
+    case ElemType::kFloat32: block_gram<float, float>(job, row_begin, row_end, partial); break;
+    case ElemType::kFloat64: block_gram<double, double>(job, row_begin, row_end, partial); break;
+    case ElemType::kFloat16: block_gram<float, c10::Half>(job, row_begin, row_end, partial); break;
+    case ElemType::kBFloat16: block_gram<float, c10::BFloat16>(job, row_begin, row_end, partial); break;
   }
-  for (int64_t i = 0; i < r * r; ++i) partial[i] = static_cast<double>(acc[i]);
 }
 
 std::tuple<at::Tensor, at::Tensor> lora_gram_cpu(at::TensorList Bs, at::TensorList As) {
@@ -110,11 +147,7 @@ std::tuple<at::Tensor, at::Tensor> lora_gram_cpu(at::TensorList Bs, at::TensorLi
   at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t first, int64_t last) {
     for (int64_t i = first; i < last; ++i) {
       const Block& b = blocks[i];
-      const GramJob& job = plan.jobs[b.job];
-      if (job.type == ElemType::kFloat64)
-        block_gram<double>(job, b.row_begin, b.row_end, partials.data() + b.offset);
-      else
-        block_gram<float>(job, b.row_begin, b.row_end, partials.data() + b.offset);
+      run_block(plan.jobs[b.job], b.row_begin, b.row_end, partials.data() + b.offset);
     }
   });
 
