@@ -20,56 +20,65 @@
 namespace gradgeom {
 namespace cholesky {
 
-// Largest diagonal entry among the unused rows (ties: the smaller index) -> scratch[0] (index,
-// -1 if none) and scratch[1] (value). GPU: warp 0 with shuffles (blockDim >= 32); CPU: serial.
-GG_JACOBI_FN void pick_pivot(const double* a, int ld, int n, const double* used, double* scratch, int tid) {
+// Position in live[0..count) of the largest diagonal entry (ties: the smaller row index) ->
+// scratch[0] (-1 if count == 0) and its value -> scratch[1]. GPU: warp 0 with shuffles
+// (blockDim >= 32); CPU: serial. Both give the same pivot.
+GG_JACOBI_FN void pick_pivot(const double* a, int ld, const double* live, int count, double* scratch, int tid) {
 #if defined(__CUDA_ARCH__)
   if (tid < 32) {
-    int p = -1;
+    int pos = -1, idx = 0;
     double best = 0.0;
-    for (int i = tid; i < n; i += 32) {
+    for (int q = tid; q < count; q += 32) {
+      const int i = static_cast<int>(live[q]);
       const double x = a[i * ld + i];
-      if (used[i] == 0.0 && (p < 0 || x > best)) {
-        p = i;
+      if (pos < 0 || x > best || (x == best && i < idx)) {
+        pos = q;
+        idx = i;
         best = x;
       }
     }
     for (int offset = 16; offset > 0; offset >>= 1) {
-      const int q = __shfl_down_sync(0xffffffffu, p, offset);
+      const int opos = __shfl_down_sync(0xffffffffu, pos, offset);
+      const int oidx = __shfl_down_sync(0xffffffffu, idx, offset);
       const double v = __shfl_down_sync(0xffffffffu, best, offset);
-      if (q >= 0 && (p < 0 || v > best || (v == best && q < p))) {
-        p = q;
+      if (opos >= 0 && (pos < 0 || v > best || (v == best && oidx < idx))) {
+        pos = opos;
+        idx = oidx;
         best = v;
       }
     }
     if (tid == 0) {
-      scratch[0] = p;
+      scratch[0] = pos;
       scratch[1] = best;
     }
   }
 #else
   if (tid == 0) {
-    int p = -1;
+    int pos = -1, idx = 0;
     double best = 0.0;
-    for (int i = 0; i < n; ++i) {
+    for (int q = 0; q < count; ++q) {
+      const int i = static_cast<int>(live[q]);
       const double x = a[i * ld + i];
-      if (used[i] == 0.0 && (p < 0 || x > best)) {
-        p = i;
+      if (pos < 0 || x > best || (x == best && i < idx)) {
+        pos = q;
+        idx = i;
         best = x;
       }
     }
-    scratch[0] = p;
+    scratch[0] = pos;
     scratch[1] = best;
   }
 #endif
 }
 
-// scratch: 2 + n doubles visible to every thread (pivot index, pivot value, "used" marks).
+// scratch: 2 + n doubles visible to every thread (pivot position, pivot value, then the list of
+// rows not yet pivoted, in a swap-remove order both devices share).
 template <typename Sync>
 GG_JACOBI_FN void factor(double* a, int ld, int n, double tol, double* F, double* scratch, int tid, int nthreads,
                          Sync sync) {
-  double* used = scratch + 2;
-  for (int i = tid; i < n; i += nthreads) used[i] = 0.0;
+  double* live = scratch + 2;
+  for (int i = tid; i < n; i += nthreads) live[i] = i;
+  for (int e = tid; e < n * n; e += nthreads) F[e] = 0.0;
   if (tid == 0) {
     double m = 0.0;
     bool nan = false;
@@ -87,41 +96,39 @@ GG_JACOBI_FN void factor(double* a, int ld, int n, double tol, double* F, double
   sync();
   if (has_nan) {
     for (int e = tid; e < n * n; e += nthreads) F[e] = std::numeric_limits<double>::quiet_NaN();
+    sync();
     return;
   }
-  int j = 0;
-  for (; j < n; ++j) {
-    pick_pivot(a, ld, n, used, scratch, tid);
+  int count = n;
+  for (int j = 0; j < n; ++j) {
+    pick_pivot(a, ld, live, count, scratch, tid);
     sync();
-    const int p = static_cast<int>(scratch[0]);
+    const int pos = static_cast<int>(scratch[0]);
     const double piv = scratch[1];
-    if (!(piv > drop)) break;  // uniform: every thread read the same values
+    if (pos < 0 || !(piv > drop)) break;  // uniform: every thread read the same values
+    const int p = static_cast<int>(live[pos]);
     const double d = sqrt(piv);
-    for (int i = tid; i < n; i += nthreads) {
-      double l = 0.0;
-      if (i == p) {
-        l = d;
-      } else if (used[i] == 0.0) {
+    for (int q = tid; q < count; q += nthreads) {
+      const int i = static_cast<int>(live[q]);
+      double l = d;
+      if (i != p) {
         l = a[i * ld + p] / d;
         a[i * ld + p] = l;
       }
       F[i * n + j] = l;
     }
     sync();
-    for (int e = tid; e < n * n; e += nthreads) {
-      const int i = e / n;
-      const int k = e - i * n;
-      if (i != p && k != p && used[i] == 0.0 && used[k] == 0.0) a[i * ld + k] -= a[i * ld + p] * a[k * ld + p];
+    if (tid == 0) live[pos] = live[count - 1];
+    --count;
+    sync();
+    for (int e = tid; e < count * count; e += nthreads) {
+      const int qi = e / count;
+      const int i = static_cast<int>(live[qi]);
+      const int k = static_cast<int>(live[e - qi * count]);
+      a[i * ld + k] -= a[i * ld + p] * a[k * ld + p];
     }
     sync();
-    if (tid == 0) used[p] = 1.0;
-    sync();
   }
-  for (int e = tid; e < n * (n - j); e += nthreads) {
-    const int i = e / (n - j);
-    F[i * n + j + (e - i * (n - j))] = 0.0;
-  }
-  sync();
 }
 
 }  // namespace cholesky
