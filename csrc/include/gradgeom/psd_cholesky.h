@@ -121,11 +121,17 @@ GG_JACOBI_FN void factor(double* a, int ld, int n, double tol, double* F, double
     if (tid == 0) live[pos] = live[count - 1];
     --count;
     sync();
-    for (int e = tid; e < count * count; e += nthreads) {
-      const int qi = e / count;
+    // Rows of the Schur complement over thread groups, columns over the lanes of a group
+    // (nthreads is 1 or a multiple of 32).
+    const int lanes = nthreads < 32 ? nthreads : 32;
+    const int group = tid / lanes, lane = tid - group * lanes, groups = nthreads / lanes;
+    for (int qi = group; qi < count; qi += groups) {
       const int i = static_cast<int>(live[qi]);
-      const int k = static_cast<int>(live[e - qi * count]);
-      a[i * ld + k] -= a[i * ld + p] * a[k * ld + p];
+      const double lip = a[i * ld + p];
+      for (int qk = lane; qk < count; qk += lanes) {
+        const int k = static_cast<int>(live[qk]);
+        a[i * ld + k] -= lip * a[k * ld + p];
+      }
     }
     sync();
   }
