@@ -22,8 +22,10 @@ from gradgeom import lora_ops
 # accumulation precision). Below it, σ_min would carry more than ~1 % relative error.
 COND_TOL_FP32 = 1e-4
 COND_TOL_FP64 = 1e-10
-# Pivoted Cholesky of G_B stops at pivots below CHOL_TOL·max(diag G_B).
-CHOL_TOL = 1e-14
+# Pivoted Cholesky of G_B stops at pivots below CHOL_TOL·max(diag G_B): about the rounding noise
+# of the Gram matrix (pivots made of noise would amplify it).
+CHOL_TOL_FP32 = 1e-6
+CHOL_TOL_FP64 = 1e-14
 # Numerical rank on the exact (float64 QR) route: σ > RANK_TOL·σ_max.
 RANK_TOL = 1e-10
 
@@ -64,8 +66,20 @@ def _sym(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * (x + x.mT)
 
 
+def psd_factor(gb: torch.Tensor, fp64: torch.Tensor, kinds: tuple[bool, bool]) -> torch.Tensor:
+    """F with F·Fᵀ = G_B, cut at each Gram's own noise floor. ``kinds`` = (any fp64-accumulated,
+    any fp32-accumulated) adapter, known on the host; a mixed batch is factored both ways."""
+    any64, any32 = kinds
+    if not any32:
+        return lora_ops.psd_cholesky(gb, tol=CHOL_TOL_FP64)
+    low = lora_ops.psd_cholesky(gb, tol=CHOL_TOL_FP32)
+    if not any64:
+        return low
+    return torch.where(fp64[:, None, None], lora_ops.psd_cholesky(gb, tol=CHOL_TOL_FP64), low)
+
+
 def gram_spectrum(
-    gb: torch.Tensor, ga: torch.Tensor, srank: torch.Tensor, fp64: torch.Tensor
+    gb: torch.Tensor, ga: torch.Tensor, srank: torch.Tensor, fp64: torch.Tensor, kinds: tuple[bool, bool]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Eigenvalues σ²/s² of every ΔW from its Gram matrices.
 
@@ -73,6 +87,7 @@ def gram_spectrum(
         gb, ga: float64 ``[n, R, R]`` Gram matrices (zero-padded).
         srank: int64 ``[n]`` structural ranks min(d, k, r).
         fp64: bool ``[n]``, True where both factors are float64 (Grams accumulated in fp64).
+        kinds: (any fp64 entry, any non-fp64 entry) of ``fp64``, known on the host.
 
     Returns:
         ``(mu, fro_sq, ill)``: float64 ``[n, R]`` descending, entries at and beyond ``srank`` set to
@@ -84,7 +99,7 @@ def gram_spectrum(
     if R == 0:
         empty = gb.new_zeros((n, 0))
         return empty, fro_sq, torch.zeros(n, dtype=torch.bool, device=gb.device)
-    L = lora_ops.psd_cholesky(gb, tol=CHOL_TOL)
+    L = psd_factor(gb, fp64, kinds)
     mu, _ = eigh(_sym(L.mT @ ga @ L), vectors=False)
     mu = mu.clamp_min(0).flip(-1)
     idx = torch.arange(R, device=gb.device)

@@ -169,11 +169,14 @@ def _needs_grad(batch: _Batch) -> bool:
     return False
 
 
-def _shape_info(Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+def _shape_info(
+    Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, list[int], tuple[bool, bool]]:
     shapes = [(b.shape[0], a.shape[1], b.shape[1]) for b, a in zip(Bs, As)]
     srank = core.structural_rank(shapes, device)
-    fp64 = core.to_device([b.dtype == torch.float64 and a.dtype == torch.float64 for b, a in zip(Bs, As)], torch.bool, device)
-    return srank, fp64, [s[2] for s in shapes]
+    flags = [b.dtype == torch.float64 and a.dtype == torch.float64 for b, a in zip(Bs, As)]
+    fp64 = core.to_device(flags, torch.bool, device)
+    return srank, fp64, [s[2] for s in shapes], (any(flags), not all(flags))
 
 
 @torch.no_grad()
@@ -183,8 +186,8 @@ def _unscaled_svdvals(
     """σ(B·A) ``[n, R]`` descending zero-padded, ‖B·A‖_F² ``[n]``, and the route flag ``[n]``
     (True where the exact route was used); float64 on the device, no autograd."""
     gb, ga = _gram(batch) if grams is None else grams
-    srank, fp64, ranks = _shape_info(batch.Bs, batch.As, batch.device)
-    mu, fro_sq, ill = core.gram_spectrum(gb, ga, srank, fp64)
+    srank, fp64, ranks, kinds = _shape_info(batch.Bs, batch.As, batch.device)
+    mu, fro_sq, ill = core.gram_spectrum(gb, ga, srank, fp64, kinds)
     sv = mu.sqrt()
     if method == "qr":
         redo = list(range(len(batch.Bs)))
@@ -553,7 +556,7 @@ def principal_angles(
         Bs, As = [f.B for f in both], [f.A for f in both]
         gb, ga = _checked_gram("principal_angles", both)
         with torch.no_grad():
-            srank, fp64, ranks = _shape_info(Bs, As, device)
+            srank, fp64, ranks, _ = _shape_info(Bs, As, device)
             R = gb.shape[-1]
             T, rank, ill = core.gram_bases(gb, ga, srank, fp64, core.to_device(ranks, torch.int64, device))
             X = _cross_grams(Bs[:n], Bs[n:], R, device)
