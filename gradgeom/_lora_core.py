@@ -39,9 +39,14 @@ def eigh(x: torch.Tensor, vectors: bool = True) -> tuple[torch.Tensor, Optional[
     if x.is_cuda:
         w, V = lora_ops.sym_eigh(x, vectors=vectors)
         return w, (V if vectors else None)
+    # LAPACK raises on non-finite input; such matrices get NaN results instead.
+    ok = torch.isfinite(x).flatten(1).all(1)
+    x = torch.where(ok[:, None, None], x, torch.zeros((), dtype=x.dtype))
+    nan = torch.full((), float("nan"), dtype=x.dtype)
     if vectors:
-        return torch.linalg.eigh(x)
-    return torch.linalg.eigvalsh(x), None
+        w, V = torch.linalg.eigh(x)
+        return torch.where(ok[:, None], w, nan), torch.where(ok[:, None, None], V, nan)
+    return torch.where(ok[:, None], torch.linalg.eigvalsh(x), nan), None
 
 
 def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -180,8 +185,14 @@ def gram_bases(
     return T, keep.sum(-1), ill
 
 
+def finite(*ts: torch.Tensor) -> bool:
+    """True when every element is finite (reads one flag back from the device)."""
+    return all(bool(torch.isfinite(t).all()) for t in ts)
+
+
 def qr_basis(B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-    """Orthonormal basis ``[d, rank]`` (float64) of the column space of B·A, exact route."""
+    """Orthonormal basis ``[d, rank]`` (float64) of the column space of B·A, exact route.
+    B and A must be finite."""
     b, a = B.detach().to(torch.float64), A.detach().to(torch.float64)
     qb, rb = torch.linalg.qr(b, mode="reduced")
     ra = torch.linalg.qr(a.mT, mode="reduced").R
@@ -199,5 +210,7 @@ def cosines(C: torch.Tensor) -> torch.Tensor:
         w, _ = eigh(_sym(C.mT @ C), vectors=False)
         s = w.clamp_min(0).sqrt().flip(-1)
     else:
-        s = torch.linalg.svdvals(C)
+        ok = torch.isfinite(C).flatten(1).all(1)
+        s = torch.linalg.svdvals(torch.where(ok[:, None, None], C, torch.zeros((), dtype=C.dtype)))
+        s = torch.where(ok[:, None], s, torch.full((), float("nan"), dtype=s.dtype))
     return s.clamp(0.0, 1.0)

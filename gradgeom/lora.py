@@ -197,7 +197,10 @@ def _unscaled_svdvals(
         redo = []
     exact = torch.zeros_like(ill)
     for i in redo:
-        sv[i, : ranks[i]] = core.qr_svdvals(batch.Bs[i], batch.As[i])
+        if core.finite(batch.Bs[i], batch.As[i]):
+            sv[i, : ranks[i]] = core.qr_svdvals(batch.Bs[i], batch.As[i])
+        else:
+            sv[i, : ranks[i]] = float("nan")
     if redo:
         exact[redo] = True
     return sv, fro_sq, exact
@@ -411,6 +414,8 @@ def _base_norms(found: Sequence[FoundAdapter], idx: list[int], device: torch.dev
 
 
 def _stats(sv: torch.Tensor, fro: float) -> tuple[float, float, float, float]:
+    if not bool(torch.isfinite(sv).all()) or not math.isfinite(fro):
+        return (math.nan,) * 4
     spectral = float(sv[0]) if sv.numel() else 0.0
     nuclear = float(sv.sum())
     stable = fro * fro / (spectral * spectral) if spectral > 0 else 0.0
@@ -559,6 +564,7 @@ def principal_angles(
             srank, fp64, ranks, _ = _shape_info(Bs, As, device)
             R = gb.shape[-1]
             T, rank, ill = core.gram_bases(gb, ga, srank, fp64, core.to_device(ranks, torch.int64, device))
+            bad = ~(torch.isfinite(gb).flatten(1).all(1) & torch.isfinite(ga).flatten(1).all(1))
             X = _cross_grams(Bs[:n], Bs[n:], R, device)
             cos = core.cosines(T[:n].mT @ X @ T[n:])
             m = torch.minimum(rank[:n], rank[n:])
@@ -566,8 +572,13 @@ def principal_angles(
             theta = torch.where(live, torch.arccos(cos), torch.zeros_like(cos))  # ascending
             dist = theta.square().sum(-1).sqrt()
             theta, dist, rank, ill, m = theta.cpu(), dist.cpu().tolist(), rank.cpu().tolist(), ill.cpu().tolist(), m.tolist()
+            bad = bad.cpu().tolist()
             for j, (f, g) in enumerate(sel):
-                if method == "qr" or (method == "auto" and (ill[j] or ill[n + j])):
+                if bad[j] or bad[n + j]:  # non-finite factors: NaN angles, never silently 0
+                    r1, r2 = ranks[j], ranks[n + j]
+                    th = torch.full((min(r1, r2),), math.nan, dtype=torch.float64)
+                    out[f.name] = PrincipalAngles(th, math.nan, r1, r2, "gram")
+                elif method == "qr" or (method == "auto" and (ill[j] or ill[n + j])):
                     U1, U2 = core.qr_basis(f.B, f.A), core.qr_basis(g.B, g.A)
                     k = min(U1.shape[1], U2.shape[1])
                     c = torch.linalg.svdvals(U1.mT @ U2)[:k].clamp(0.0, 1.0).cpu() if k else torch.zeros(0, dtype=torch.float64)

@@ -322,3 +322,24 @@ def test_cuda_matches_cpu(r):
         ref = dense_svdvals(b, a)
         assert_sv_close(g, ref, torch.bfloat16)
         assert_sv_close(c, ref, torch.bfloat16)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_factors_propagate(device, bad):
+    """A NaN/Inf in a factor shows up as NaN/Inf, never as a silent 0, and does not poison the
+    other adapters of the same call."""
+    B, A = rand((20, 4), torch.float32, device), rand((4, 12), torch.float32, device)
+    Bb = B.clone()
+    Bb[3, 1] = bad
+    pairs = [(Bb, A), (B, A)]
+    fro = lora.delta_norm(pairs).cpu()
+    assert not torch.isfinite(fro[0]) and torch.isfinite(fro[1])
+    for method in ("gram", "auto", "qr"):
+        sv = lora.delta_svdvals(pairs, method=method)
+        assert not torch.isfinite(sv[0].cpu()).all(), method
+        assert_sv_close(sv[1], dense_svdvals(B, A), torch.float32)
+    g = lora.geometry({"bad": (Bb, A), "ok": (B, A)})
+    assert math.isnan(g["bad"].effective_rank) and not math.isfinite(g["bad"].fro)
+    assert math.isfinite(g["ok"].effective_rank)
+    pa = lora.principal_angles({"x": (Bb, A), "y": (B, A)}, {"x": (B, A), "y": (B, A)})
+    assert math.isnan(pa["x"].distance) and pa["y"].distance < 5e-3

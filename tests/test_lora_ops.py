@@ -280,7 +280,8 @@ def test_psd_cholesky_bad_input_and_opcheck(device):
     assert lora_ops.psd_cholesky(torch.zeros(0, 3, 3)).shape == (0, 3, 3)
     X = torch.randn(2, 5, 5, dtype=torch.float64, device=device)
     torch.library.opcheck(torch.ops.gradgeom.psd_cholesky.default, (X @ X.mT, 1e-14))
-    nan = X @ X.mT
-    nan[0, 2, 2] = float("nan")
-    F = lora_ops.psd_cholesky(nan)
-    assert torch.isnan(F[0]).all() and torch.isfinite(F[1]).all()
+    for bad in (float("nan"), float("inf")):
+        M = X @ X.mT
+        M[0, 2, 2] = bad
+        F = lora_ops.psd_cholesky(M)
+        assert torch.isnan(F[0]).all() and torch.isfinite(F[1]).all()

@@ -8,8 +8,8 @@
 // as many nonzero columns as A's numerical rank, and a zero matrix gives F = 0. Diagonal
 // pivoting keeps a Gram matrix that is singular up to rounding noise from amplifying the noise
 // (without it, a pivot made of noise scales its column by 1/sqrt(noise)). F is a row-permuted
-// lower-triangular matrix; any F with F·Fᵀ = A serves the spectral stage. NaN on the diagonal
-// gives an all-NaN F.
+// lower-triangular matrix; any F with F·Fᵀ = A serves the spectral stage. NaN or ±Inf on the
+// diagonal gives an all-NaN F.
 #pragma once
 
 #include <cmath>
@@ -84,7 +84,7 @@ GG_JACOBI_FN void factor(double* a, int ld, int n, double tol, double* F, double
     bool nan = false;
     for (int i = 0; i < n; ++i) {
       const double x = a[i * ld + i];
-      nan = nan || (x != x);
+      nan = nan || !((x - x) == 0.0);  // NaN or ±Inf
       m = fmax(m, x);
     }
     scratch[0] = nan ? 1.0 : 0.0;
