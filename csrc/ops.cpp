@@ -22,6 +22,16 @@ TORCH_LIBRARY(gradgeom, m) {
   // power of two in [8, 8192]. Returns (float64 [num_groups, 6] moments as group_moments,
   // float64 [num_groups, sketch_dim] sketch y = S g; non-finite elements are left out of y).
   m.def("sketch_moments(Tensor[] tensors, int[] group_ids, int[] offsets, int num_groups, int sketch_dim, int seed) -> (Tensor, Tensor)");
+  // Bs[i]: [d_i, r_i], As[i]: [r_i, k_i]; float32/float64/float16/bfloat16, any strides, one device.
+  // Returns float64 (B_iᵀB_i, A_i·A_iᵀ), each [n, R, R] with R = max r_i, zero-padded beyond r_i.
+  m.def("lora_gram(Tensor[] Bs, Tensor[] As) -> (Tensor, Tensor)");
+  // A: float32/float64 [batch, n, n] symmetric (lower triangle read), n <= 1024. Jacobi eigen-solver.
+  // Returns float64 eigenvalues [batch, n] ascending, eigenvectors [batch, n, n] (columns) or [0].
+  m.def("sym_eigh(Tensor A, bool vectors) -> (Tensor, Tensor)");
+  // A: float32/float64 [batch, n, n] symmetric positive semi-definite (lower triangle read).
+  // Returns float64 F [batch, n, n] with F·Fᵀ = A (diagonally pivoted Cholesky; stops when the
+  // largest remaining pivot is <= tol·max(diag A), so F has A's numerical rank).
+  m.def("psd_cholesky(Tensor A, float tol) -> Tensor");
   // gradgeom-schemas: each new op adds its m.def line above this comment.
 }
 

@@ -6,6 +6,7 @@ twins of each in :mod:`gradgeom.reference`.
 
 from gradgeom._native import compiled_with_cuda
 from gradgeom import ops, reference
+from gradgeom import lora, lora_ops
 
 __version__ = "0.1.0"
 
@@ -22,3 +23,4 @@ from gradgeom.policy import Action, PausePolicy  # noqa: E402
 from gradgeom.controller import Decision, PauseController  # noqa: E402
 
 __all__ += ["Action", "Decision", "PauseController", "PausePolicy"]
+__all__ += ["lora", "lora_ops"]

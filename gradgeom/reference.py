@@ -139,3 +139,43 @@ def sketch_moments(
         finite = torch.isfinite(x)
         sketch[g].index_add_(0, bucket[finite], sign[finite] * x[finite])
     return moments.to(out_device), sketch.to(out_device)
+# --- LoRA geometry (issue 4) -------------------------------------------------------------------
+
+__all__ += ["lora_gram", "psd_cholesky", "sym_eigh"]
+
+
+def lora_gram(
+    Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor], *, device: Union[torch.device, str, None] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference for :func:`gradgeom.lora_ops.lora_gram`: float64 ``(G_B, G_A)``, each
+    ``[n, R, R]`` (``R = max r_i``, zero-padded), ``G_B[i] = BᵢᵀBᵢ``, ``G_A[i] = Aᵢ·Aᵢᵀ``."""
+    Bs, As = list(Bs), list(As)
+    out_device = Bs[0].device if Bs else device
+    R = max((B.shape[1] for B in Bs), default=0)
+    gb = torch.zeros((len(Bs), R, R), dtype=torch.float64)
+    ga = torch.zeros((len(Bs), R, R), dtype=torch.float64)
+    for i, (B, A) in enumerate(zip(Bs, As)):
+        b = B.detach().to("cpu", torch.float64)
+        a = A.detach().to("cpu", torch.float64)
+        r = b.shape[1]
+        gb[i, :r, :r] = b.T @ b
+        ga[i, :r, :r] = a @ a.T
+    return gb.to(out_device), ga.to(out_device)
+
+
+def sym_eigh(A: torch.Tensor, *, vectors: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference for :func:`gradgeom.lora_ops.sym_eigh`: LAPACK ``eigh`` in float64 on the lower
+    triangle; eigenvalues ascending ``[batch, n]``, eigenvectors ``[batch, n, n]`` or ``[0]``."""
+    w, V = torch.linalg.eigh(A.detach().to("cpu", torch.float64))
+    if not vectors:
+        V = torch.empty(0, dtype=torch.float64)
+    return w.to(A.device), V.to(A.device)
+
+
+def psd_cholesky(A: torch.Tensor, *, tol: float = 1e-14) -> torch.Tensor:
+    """Reference for :func:`gradgeom.lora_ops.psd_cholesky` on positive definite input: LAPACK
+    Cholesky in float64 of the lower triangle. (The op pivots, so its F equals this L only up to
+    a row permutation and column signs; compare F·Fᵀ, or F·Fᵀ's eigenvalues.)"""
+    a = A.detach().to("cpu", torch.float64)
+    a = torch.tril(a) + torch.tril(a, -1).mT
+    return torch.linalg.cholesky(a).to(A.device)

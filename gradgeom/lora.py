@@ -1,0 +1,589 @@
+"""LoRA update geometry without forming ΔW = s·B·A.
+
+Functional API (``from gradgeom import lora``):
+
+* :func:`delta_norm` / :func:`delta_svdvals`: norms and singular values of s·B·A for one adapter,
+  a batch ``B [..., d, r]``, ``A [..., r, k]``, or a ragged list of ``(B, A)`` pairs in one call;
+* :func:`scaling`: α/r or α/√r (rsLoRA);
+* :func:`geometry`: every adapter of a PEFT model (or a dict/list of pairs) →
+  :class:`AdapterGeometry` (norms, spectrum, stable/effective rank, ‖ΔW‖_F/‖W‖_F);
+* :func:`snapshot` and :func:`principal_angles`: how far the column space of each ΔW turned.
+
+All of it costs O((d + k)·r²) per adapter and never allocates a d×k buffer: one native launch
+(:func:`gradgeom.lora_ops.lora_gram`) forms every BᵀB and A·Aᵀ, then a batched float64 r×r stage
+(pivoted PSD Cholesky, then a one-block-per-matrix Jacobi eigen-solver on CUDA or LAPACK on CPU)
+gives the spectrum. The Gram
+route squares the condition number; ``method="auto"`` detects adapters whose small singular
+values it cannot resolve (≈1 % accuracy bound) and recomputes those exactly (float64 thin QR of B
+and Aᵀ, then an r×r SVD). ``"auto"`` reads that flag from the device once (a host
+synchronisation); ``method="gram"`` never synchronises, ``method="qr"`` is exact everywhere.
+
+If r > min(d, k), ΔW has at most min(d, k) nonzero singular values; the r values returned are
+padded with exact zeros.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from gradgeom import _lora_core as core
+from gradgeom._lora_peft import FoundAdapter, discover, scaling_from_config
+
+__all__ = [
+    "AdapterGeometry",
+    "PrincipalAngles",
+    "delta_norm",
+    "delta_svdvals",
+    "geometry",
+    "principal_angles",
+    "scaling",
+    "scaling_from_config",
+    "snapshot",
+]
+
+Pair = tuple[torch.Tensor, torch.Tensor]
+_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_METHODS = ("auto", "gram", "qr")
+
+
+def scaling(alpha: float, r: int, *, rslora: bool = False) -> float:
+    """The LoRA scaling s of ΔW = s·B·A: α/r, or α/√r with rsLoRA (Kalajdzievski 2023)."""
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ValueError(f"scaling: r must be a positive int, got {r!r}")
+    alpha = float(alpha)
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+# --- input normalisation ------------------------------------------------------------------------
+
+
+@dataclass
+class _Batch:
+    Bs: list[torch.Tensor]                 # 2-D factors [d, r]
+    As: list[torch.Tensor]                 # 2-D factors [r, k]
+    lead: Optional[tuple[int, ...]]        # leading shape of batched input, None for a list
+    stacked: Optional[Pair]                # [N, d, r], [N, r, k] views of batched input
+    scal: torch.Tensor                     # float64 [n] on the device
+    device: torch.device
+    op: str
+
+
+def _check_pair(op: str, i: Optional[int], B: Any, A: Any, two_d: bool) -> None:
+    where = "" if i is None else f"[{i}]"
+    for name, t in (("B", B), ("A", A)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name}{where} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _FLOATS:
+            raise TypeError(f"{op}: {name}{where} has dtype {t.dtype}; expected float32, float64, float16 or bfloat16")
+    if two_d and (B.dim() != 2 or A.dim() != 2):
+        raise ValueError(
+            f"{op}: pair{where} must hold 2-D factors B [d, r] and A [r, k], got shapes {tuple(B.shape)} and {tuple(A.shape)}"
+        )
+    if B.dim() < 2 or A.dim() < 2:
+        raise ValueError(f"{op}: B must be [..., d, r] and A [..., r, k], got shapes {tuple(B.shape)} and {tuple(A.shape)}")
+    if B.shape[-1] != A.shape[-2]:
+        raise ValueError(
+            f"{op}: inner dimension r differs{(' for pair ' + str(i)) if i is not None else ''}: B has shape "
+            f"{tuple(B.shape)} (r = {B.shape[-1]}) but A has shape {tuple(A.shape)} (r = {A.shape[-2]})"
+        )
+    if B.device != A.device:
+        raise ValueError(f"{op}: B{where} is on {B.device} but A{where} is on {A.device}; both must be on one device")
+
+
+def _validate_pairs(op: str, pairs: Sequence[Any]) -> None:
+    """Full per-pair checks with messages that name the pair (the slow path)."""
+    for i, p in enumerate(pairs):
+        if not isinstance(p, (list, tuple)) or len(p) != 2:
+            raise TypeError(f"{op}: pairs[{i}] must be a (B, A) tuple, got {type(p).__name__}")
+        _check_pair(op, i, p[0], p[1], two_d=True)
+        if p[0].device != pairs[0][0].device:
+            raise ValueError(f"{op}: all pairs must be on one device: pair {i} is on {p[0].device}, pair 0 on {pairs[0][0].device}")
+
+
+def _normalize(op: str, B: Any, A: Any, scal: Any) -> _Batch:
+    if A is None:
+        if isinstance(B, torch.Tensor) or not isinstance(B, (list, tuple)):
+            raise TypeError(f"{op}: pass B and A tensors, or a list of (B, A) pairs; got {type(B).__name__} and no A")
+        # Fast path: the native op checks every factor; _validate_pairs explains a failure.
+        try:
+            Bs = [p[0] for p in B]
+            As = [p[1] for p in B]
+            ok = all(len(p) == 2 for p in B) and all(isinstance(t, torch.Tensor) for t in Bs)
+        except (TypeError, IndexError, KeyError):
+            ok = False
+        if not ok:
+            _validate_pairs(op, B)
+        device = Bs[0].device if Bs else torch.device("cpu")
+        lead, stacked, n = None, None, len(Bs)
+    else:
+        _check_pair(op, None, B, A, two_d=False)
+        try:
+            lead = tuple(torch.broadcast_shapes(B.shape[:-2], A.shape[:-2]))
+        except RuntimeError as exc:
+            raise ValueError(f"{op}: leading (batch) dimensions of B {tuple(B.shape)} and A {tuple(A.shape)} do not broadcast") from exc
+        Bx = B.expand(lead + tuple(B.shape[-2:])).reshape((-1,) + tuple(B.shape[-2:]))
+        Ax = A.expand(lead + tuple(A.shape[-2:])).reshape((-1,) + tuple(A.shape[-2:]))
+        Bs, As = list(Bx.unbind(0)), list(Ax.unbind(0))
+        stacked, device, n = (Bx, Ax), B.device, Bx.shape[0]
+    if isinstance(scal, (int, float)) and not isinstance(scal, bool):
+        s = torch.full((), float(scal), dtype=torch.float64, device=device)
+    elif isinstance(scal, torch.Tensor):
+        s = scal.detach().to(device=device, dtype=torch.float64)
+    else:
+        s = core.to_device(list(scal), torch.float64, device)
+    try:
+        s = s.expand(lead if lead is not None else (n,)).reshape(-1) if s.dim() else s.expand(n)
+    except RuntimeError as exc:
+        raise ValueError(f"{op}: scaling of shape {tuple(s.shape)} does not match {lead if lead is not None else (n,)}") from exc
+    return _Batch(Bs, As, lead, stacked, s.contiguous(), device, op)
+
+
+def _gram(batch: _Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The native Gram launch; on bad input, the Python checks name the offending pair."""
+    try:
+        with torch.no_grad():
+            return torch.ops.gradgeom.lora_gram(batch.Bs, batch.As)
+    except (ValueError, TypeError, RuntimeError):
+        if batch.lead is None:
+            _validate_pairs(batch.op, list(zip(batch.Bs, batch.As)))
+        raise
+
+
+def _check_method(op: str, method: str) -> None:
+    if method not in _METHODS:
+        raise ValueError(f"{op}: method must be one of {_METHODS}, got {method!r}")
+
+
+def _needs_grad(batch: _Batch) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    if any(t.requires_grad for t in batch.Bs) or any(t.requires_grad for t in batch.As):
+        if batch.lead is None:
+            _validate_pairs(batch.op, list(zip(batch.Bs, batch.As)))
+        return True
+    return False
+
+
+def _shape_info(
+    Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, list[int], tuple[bool, bool]]:
+    shapes = [(b.shape[0], a.shape[1], b.shape[1]) for b, a in zip(Bs, As)]
+    srank = core.structural_rank(shapes, device)
+    flags = [b.dtype == torch.float64 and a.dtype == torch.float64 for b, a in zip(Bs, As)]
+    fp64 = core.to_device(flags, torch.bool, device)
+    return srank, fp64, [s[2] for s in shapes], (any(flags), not all(flags))
+
+
+@torch.no_grad()
+def _unscaled_svdvals(
+    batch: _Batch, method: str, grams: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """σ(B·A) ``[n, R]`` descending zero-padded, ‖B·A‖_F² ``[n]``, and the route flag ``[n]``
+    (True where the exact route was used); float64 on the device, no autograd."""
+    gb, ga = _gram(batch) if grams is None else grams
+    srank, fp64, ranks, kinds = _shape_info(batch.Bs, batch.As, batch.device)
+    mu, fro_sq, ill = core.gram_spectrum(gb, ga, srank, fp64, kinds)
+    sv = mu.sqrt()
+    if method == "qr":
+        redo = list(range(len(batch.Bs)))
+    elif method == "auto":
+        redo = ill.nonzero().flatten().tolist()  # the one host read of "auto"
+    else:
+        redo = []
+    exact = torch.zeros_like(ill)
+    for i in redo:
+        if core.finite(batch.Bs[i], batch.As[i]):
+            sv[i, : ranks[i]] = core.qr_svdvals(batch.Bs[i], batch.As[i])
+        else:
+            sv[i, : ranks[i]] = float("nan")
+    if redo:
+        exact[redo] = True
+    return sv, fro_sq, exact
+
+
+def _reshape_out(batch: _Batch, x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(batch.lead + x.shape[1:]) if batch.lead is not None else x
+
+
+# --- functional API -----------------------------------------------------------------------------
+
+
+def delta_norm(
+    B: Union[torch.Tensor, Sequence[Pair]],
+    A: Optional[torch.Tensor] = None,
+    *,
+    scaling: Union[float, Sequence[float], torch.Tensor] = 1.0,
+    ord: Union[str, int] = "fro",
+    method: str = "auto",
+) -> torch.Tensor:
+    """Norm of ΔW = scaling·B·A without forming ΔW.
+
+    Args:
+        B: ``[..., d, r]``, or a list of ``(B_i [d_i, r_i], A_i [r_i, k_i])`` pairs (then omit ``A``);
+            float32 / float64 / float16 / bfloat16.
+        A: ``[..., r, k]``; leading dimensions broadcast against B's.
+        scaling: s, a float, or one value per adapter (broadcastable to the leading shape, or a
+            sequence of length n for a list).
+        ord: ``"fro"`` (Frobenius), ``2`` (spectral), ``"nuc"`` (nuclear).
+        method: r×r stage for ``2`` / ``"nuc"``: ``"auto"``, ``"gram"`` or ``"qr"`` (module docs).
+
+    Returns:
+        float64 tensor ``[...]`` (batched input; 0-d for one pair) or ``[n]`` (list), on the
+        input's device. With autograd on and a factor requiring grad, the result is
+        differentiable: ``"fro"`` through |s|·√Σ(BᵀB)∘(A·Aᵀ) (zero gradient at ΔW = 0), ``2`` and
+        ``"nuc"`` through a float64 QR + SVD (valid where singular values are distinct).
+        Without autograd, one native launch computes every Gram matrix.
+    """
+    if ord not in ("fro", 2, "nuc"):
+        raise ValueError(f"delta_norm: ord must be 'fro', 2 or 'nuc', got {ord!r}")
+    _check_method("delta_norm", method)
+    batch = _normalize("delta_norm", B, A, scaling)
+    s = batch.scal.abs()
+    if not batch.Bs:
+        return _reshape_out(batch, torch.zeros(0, dtype=torch.float64, device=batch.device))
+    if _needs_grad(batch):
+        if batch.stacked is not None:
+            Bx, Ax = batch.stacked
+            if ord == "fro":
+                out = core.safe_sqrt(core.fro_sq_autograd(Bx, Ax))
+            else:
+                sv = core.qr_svdvals(Bx, Ax)
+                out = sv[..., 0] if ord == 2 else sv.sum(-1)
+        else:
+            vals = []
+            for b, a in zip(batch.Bs, batch.As):
+                if ord == "fro":
+                    vals.append(core.safe_sqrt(core.fro_sq_autograd(b, a)))
+                else:
+                    sv = core.qr_svdvals(b, a)
+                    vals.append(sv.new_zeros(()) if sv.numel() == 0 else (sv[0] if ord == 2 else sv.sum()))
+            out = torch.stack(vals)
+        return _reshape_out(batch, out * s)
+    if ord == "fro":
+        gb, ga = _gram(batch)
+        out = (gb * ga).sum((-2, -1)).clamp_min(0).sqrt()
+    else:
+        sv, _, _ = _unscaled_svdvals(batch, method)
+        if sv.shape[-1] == 0:
+            out = sv.new_zeros(sv.shape[0])
+        else:
+            out = sv[:, 0] if ord == 2 else sv.sum(-1)
+    return _reshape_out(batch, out * s)
+
+
+def delta_svdvals(
+    B: Union[torch.Tensor, Sequence[Pair]],
+    A: Optional[torch.Tensor] = None,
+    *,
+    scaling: Union[float, Sequence[float], torch.Tensor] = 1.0,
+    method: str = "auto",
+) -> Union[torch.Tensor, list[torch.Tensor]]:
+    """The r singular values of ΔW = scaling·B·A, descending, without forming ΔW.
+
+    Args: as :func:`delta_norm`.
+
+    Returns:
+        float64 ``[..., r]`` for batched input, or a list of float64 ``[r_i]`` for a list of
+        pairs, on the input's device. Values beyond min(d, k) are exactly 0. Differentiable
+        (float64 QR + SVD) when autograd is on and a factor requires grad.
+    """
+    _check_method("delta_svdvals", method)
+    batch = _normalize("delta_svdvals", B, A, scaling)
+    s = batch.scal.abs()
+    if _needs_grad(batch):
+        if batch.stacked is not None:
+            out = core.qr_svdvals(*batch.stacked) * s.unsqueeze(-1)
+            return _reshape_out(batch, out)
+        return [core.qr_svdvals(b, a) * s[i] for i, (b, a) in enumerate(zip(batch.Bs, batch.As))]
+    if batch.stacked is not None:
+        r = batch.stacked[0].shape[-1]
+        if not batch.Bs:
+            return torch.zeros(batch.lead + (r,), dtype=torch.float64, device=batch.device)
+        sv, _, _ = _unscaled_svdvals(batch, method)
+        return _reshape_out(batch, sv[:, :r] * s.unsqueeze(-1))
+    if not batch.Bs:
+        return []
+    sv, _, _ = _unscaled_svdvals(batch, method)
+    sv = sv * s.unsqueeze(-1)
+    return [sv[i, : b.shape[1]] for i, b in enumerate(batch.Bs)]
+
+
+# --- per-adapter reports ------------------------------------------------------------------------
+
+
+@dataclass
+class AdapterGeometry:
+    """Geometry of one adapter's update ΔW = scaling·B·A (B ``[d, r]``, A ``[r, k]``).
+
+    Attributes:
+        fro, spectral, nuclear: ‖ΔW‖_F, ‖ΔW‖₂, ‖ΔW‖_* (scaling included).
+        svdvals: float64 CPU tensor ``[r]``, the singular values of ΔW, descending.
+        stable_rank: ‖ΔW‖_F² / ‖ΔW‖₂² (0 for ΔW = 0).
+        effective_rank: exp of the entropy of σ²/Σσ² (Roy & Vetterli), 0 for ΔW = 0.
+        rank: r, the adapter's configured rank.
+        scaling: s as the layer applies it (α/r, α/√r for rsLoRA, patterns resolved).
+        relative: ‖ΔW‖_F / ‖W‖_F of the frozen base weight; None when unknown.
+        shape: (d, k) of B·A.
+        route: "gram" (factored Gram route) or "qr" (exact float64 fallback).
+        module, adapter: where it was found ("" for user-given pairs).
+    """
+
+    fro: float
+    spectral: float
+    nuclear: float
+    svdvals: torch.Tensor
+    stable_rank: float
+    effective_rank: float
+    rank: int
+    scaling: float
+    relative: Optional[float]
+    shape: tuple[int, int]
+    route: str = "gram"
+    module: str = ""
+    adapter: str = ""
+
+    def as_dict(self) -> dict:
+        """Plain-Python dict (svdvals as a list), e.g. for JSON logs."""
+        d = asdict(self)
+        d["svdvals"] = self.svdvals.tolist()
+        return d
+
+
+def _as_found(obj: Any, adapter_name: Optional[str], op: str) -> list[FoundAdapter]:
+    if isinstance(obj, nn.Module):
+        return discover(obj, adapter_name)
+    if isinstance(obj, dict):
+        items = list(obj.items())
+    elif isinstance(obj, (list, tuple)):
+        items = [(str(i), p) for i, p in enumerate(obj)]
+    else:
+        raise TypeError(f"{op}: expected an nn.Module, a dict of name -> (B, A[, scaling]) or a list of pairs, got {type(obj).__name__}")
+    out = []
+    for name, p in items:
+        if not isinstance(p, (list, tuple)) or len(p) not in (2, 3):
+            raise TypeError(f"{op}: entry {name!r} must be (B, A) or (B, A, scaling), got {type(p).__name__}")
+        out.append(FoundAdapter(str(name), "", "", p[0], p[1], float(p[2]) if len(p) == 3 else 1.0, None))
+    return out
+
+
+def _checked_gram(op: str, found: Sequence[FoundAdapter]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The native Gram launch over found adapters; on bad input, name the offending adapter."""
+    try:
+        with torch.no_grad():
+            return torch.ops.gradgeom.lora_gram([f.B for f in found], [f.A for f in found])
+    except (ValueError, TypeError, RuntimeError):
+        for f in found:
+            _check_pair(f"{op}: {f.name!r}", None, f.B, f.A, two_d=True)
+        raise
+
+
+def _by_device(found: Sequence[FoundAdapter]) -> dict[torch.device, list[int]]:
+    groups: dict[torch.device, list[int]] = {}
+    for i, f in enumerate(found):
+        if not isinstance(f.B, torch.Tensor) or not isinstance(f.A, torch.Tensor):
+            _check_pair(f.name, None, f.B, f.A, two_d=True)
+        if f.A.device != f.B.device:
+            raise ValueError(f"{f.name}: B is on {f.B.device} but A is on {f.A.device}")
+        groups.setdefault(f.B.device, []).append(i)
+    return groups
+
+
+def _base_norms(found: Sequence[FoundAdapter], idx: list[int], device: torch.device) -> list[Optional[float]]:
+    from gradgeom import ops
+
+    weights, ids, slot = [], [], {}
+    for i in idx:
+        w = found[i].base_weight
+        if w is None or w.device != device:
+            continue
+        if id(w) not in slot:
+            slot[id(w)] = len(weights)
+            weights.append(w.detach())
+        ids.append(i)
+    if not weights:
+        return [None] * len(idx)
+    m = ops.group_moments(weights, list(range(len(weights))), len(weights))
+    norms = m[:, 2].sqrt().cpu().tolist()
+    by_index = {i: norms[slot[id(found[i].base_weight)]] for i in ids}
+    return [by_index.get(i) for i in idx]
+
+
+def _stats(sv: torch.Tensor, fro: float) -> tuple[float, float, float, float]:
+    if not bool(torch.isfinite(sv).all()) or not math.isfinite(fro):
+        return (math.nan,) * 4
+    spectral = float(sv[0]) if sv.numel() else 0.0
+    nuclear = float(sv.sum())
+    stable = fro * fro / (spectral * spectral) if spectral > 0 else 0.0
+    sq = sv * sv
+    total = float(sq.sum())
+    if total > 0:
+        p = sq / total
+        p = p[p > 0]
+        erank = math.exp(float(-(p * p.log()).sum()))
+    else:
+        erank = 0.0
+    return spectral, nuclear, stable, erank
+
+
+def geometry(
+    model_or_pairs: Union[nn.Module, dict, Sequence], *, adapter_name: Optional[str] = None, method: str = "auto"
+) -> dict[str, AdapterGeometry]:
+    """Geometry of every LoRA update ΔW = s·B·A, factored, batched per device.
+
+    Args:
+        model_or_pairs: a model with PEFT LoRA layers (Linear, Embedding, ConvNd with the kernel
+            flattened: A ``[r, c_in·∏kernel]``), or a dict ``name -> (B, A)`` / ``(B, A, scaling)``,
+            or a list of such tuples (named ``"0"``, ``"1"``, ...).
+        adapter_name: only this adapter (default: every adapter of every layer).
+        method: ``"auto"`` (Gram route, exact fallback where ill-conditioned), ``"gram"``, ``"qr"``.
+
+    Returns:
+        ``{"{module}.{adapter}": AdapterGeometry}`` for models (e.g.
+        ``"base_model.model.model.layers.0.self_attn.q_proj.default"``), or the given names. One
+        native launch per device forms all Gram matrices; the results are read back once.
+        Adapters at init (B = 0) give zeros, effective rank 0, no NaN.
+    """
+    _check_method("geometry", method)
+    found = _as_found(model_or_pairs, adapter_name, "geometry")
+    out: dict[str, AdapterGeometry] = {}
+    for device, idx in _by_device(found).items():
+        sub = [found[i] for i in idx]
+        grams = _checked_gram("geometry", sub)
+        batch = _Batch([f.B for f in sub], [f.A for f in sub], None, None, torch.empty(0), device, "geometry")
+        sv, fro_sq, exact = _unscaled_svdvals(batch, method, grams)
+        s = core.to_device([abs(found[i].scaling) for i in idx], torch.float64, device)
+        sv = (sv * s.unsqueeze(-1)).cpu()
+        fro = (fro_sq.sqrt() * s).cpu().tolist()
+        exact = exact.cpu().tolist()
+        wn = _base_norms(found, idx, device)
+        for j, i in enumerate(idx):
+            f = found[i]
+            r = f.B.shape[1]
+            v = sv[j, :r].clone()
+            spectral, nuclear, stable, erank = _stats(v, fro[j])
+            rel = None if wn[j] is None else (fro[j] / wn[j] if wn[j] > 0 else (0.0 if fro[j] == 0 else math.inf))
+            out[f.name] = AdapterGeometry(
+                fro=fro[j], spectral=spectral, nuclear=nuclear, svdvals=v, stable_rank=stable, effective_rank=erank,
+                rank=r, scaling=f.scaling, relative=rel, shape=(f.B.shape[0], f.A.shape[1]),
+                route="qr" if exact[j] else "gram", module=f.module, adapter=f.adapter,
+            )
+    return {f.name: out[f.name] for f in found if f.name in out}
+
+
+# --- subspace angles ----------------------------------------------------------------------------
+
+
+@dataclass
+class PrincipalAngles:
+    """Principal angles between the column spaces of two updates ΔW₁, ΔW₂ (same d).
+
+    Attributes:
+        angles: float64 CPU tensor ``[min(rank_1, rank_2)]``, radians in [0, π/2], ascending.
+        distance: Grassmann distance ‖angles‖₂ (0 when either update is 0).
+        rank_1, rank_2: numerical ranks of ΔW₁ and ΔW₂.
+        route: "gram" or "qr" (exact float64 fallback).
+    """
+
+    angles: torch.Tensor
+    distance: float
+    rank_1: int
+    rank_2: int
+    route: str = "gram"
+
+
+def snapshot(model_or_pairs: Union[nn.Module, dict, Sequence], *, adapter_name: Optional[str] = None) -> dict[str, Pair]:
+    """Detached copies of every adapter's factors, ``{name: (B [d, r], A [r, k])}``, for
+    :func:`principal_angles` later. Costs r·(d + k) elements per adapter, never d·k."""
+    found = _as_found(model_or_pairs, adapter_name, "snapshot")
+    return {f.name: (f.B.detach().clone(), f.A.detach().clone()) for f in found}
+
+
+def _cross_grams(B1: list[torch.Tensor], B2: list[torch.Tensor], R: int, device: torch.device) -> torch.Tensor:
+    """float64 ``[n, R, R]`` with B1ᵢᵀ·B2ᵢ in the top-left corner; one bmm per shape group."""
+    out = torch.zeros((len(B1), R, R), dtype=torch.float64, device=device)
+    groups: dict[tuple, list[int]] = {}
+    for i, (x, y) in enumerate(zip(B1, B2)):
+        groups.setdefault((tuple(x.shape), tuple(y.shape)), []).append(i)
+    for (sx, sy), idx in groups.items():
+        X = torch.stack([B1[i] for i in idx]).to(torch.float64)
+        Y = torch.stack([B2[i] for i in idx]).to(torch.float64)
+        out[idx, : sx[1], : sy[1]] = X.mT @ Y
+    return out
+
+
+def principal_angles(
+    first: Union[nn.Module, dict, Sequence],
+    second: Union[nn.Module, dict, Sequence],
+    *,
+    adapter_name: Optional[str] = None,
+    method: str = "auto",
+) -> dict[str, PrincipalAngles]:
+    """Principal angles between the column spaces of ΔW in ``first`` and ``second``, per name.
+
+    Args:
+        first, second: a :func:`snapshot`, a model with PEFT LoRA layers, a dict
+            ``name -> (B, A)``, or lists of pairs (matched by position). Every name of ``first``
+            must exist in ``second`` with the same d. Compare two adapters of one layer by
+            passing ``{"q": (B1, A1)}`` and ``{"q": (B2, A2)}``.
+        adapter_name: only this adapter (models and snapshots of models).
+        method: ``"auto"``, ``"gram"`` or ``"qr"`` as in :func:`delta_svdvals`.
+
+    Returns:
+        ``{name: PrincipalAngles}``. The bases come factored (U = B·T with T from the r×r
+        stage), so the only d-sized work is BᵢᵀBᵢ, A·Aᵀ (one native launch) and B₁ᵀB₂. Reads the
+        results back to the host once. Angles below ~1e-3 rad (Gram route) or ~1e-7 rad (exact
+        route) are not resolved: cos θ is 1 to that precision.
+    """
+    _check_method("principal_angles", method)
+    f1 = _as_found(first, adapter_name, "principal_angles")
+    f2 = {f.name: f for f in _as_found(second, adapter_name, "principal_angles")}
+    missing = [f.name for f in f1 if f.name not in f2]
+    if missing:
+        raise ValueError(f"principal_angles: {len(missing)} adapters of `first` are missing in `second`, e.g. {missing[:3]}")
+    pairs = []
+    for f in f1:
+        g = f2[f.name]
+        if f.B.shape[0] != g.B.shape[0]:
+            raise ValueError(f"principal_angles: {f.name}: column spaces live in different dimensions d = {f.B.shape[0]} and {g.B.shape[0]}")
+        if f.B.device != g.B.device:
+            raise ValueError(f"principal_angles: {f.name}: the two updates are on {f.B.device} and {g.B.device}")
+        pairs.append((f, g))
+    out: dict[str, PrincipalAngles] = {}
+    for device, idx in _by_device([p[0] for p in pairs]).items():
+        sel = [pairs[i] for i in idx]
+        n = len(sel)
+        both = [f for f, _ in sel] + [g for _, g in sel]
+        Bs, As = [f.B for f in both], [f.A for f in both]
+        gb, ga = _checked_gram("principal_angles", both)
+        with torch.no_grad():
+            srank, fp64, ranks, _ = _shape_info(Bs, As, device)
+            R = gb.shape[-1]
+            T, rank, ill = core.gram_bases(gb, ga, srank, fp64, core.to_device(ranks, torch.int64, device))
+            bad = ~(torch.isfinite(gb).flatten(1).all(1) & torch.isfinite(ga).flatten(1).all(1))
+            X = _cross_grams(Bs[:n], Bs[n:], R, device)
+            cos = core.cosines(T[:n].mT @ X @ T[n:])
+            m = torch.minimum(rank[:n], rank[n:])
+            live = torch.arange(cos.shape[-1], device=device) < m.unsqueeze(-1)
+            theta = torch.where(live, torch.arccos(cos), torch.zeros_like(cos))  # ascending
+            dist = theta.square().sum(-1).sqrt()
+            theta, dist, rank, ill, m = theta.cpu(), dist.cpu().tolist(), rank.cpu().tolist(), ill.cpu().tolist(), m.tolist()
+            bad = bad.cpu().tolist()
+            for j, (f, g) in enumerate(sel):
+                if bad[j] or bad[n + j]:  # non-finite factors: NaN angles, never silently 0
+                    r1, r2 = ranks[j], ranks[n + j]
+                    th = torch.full((min(r1, r2),), math.nan, dtype=torch.float64)
+                    out[f.name] = PrincipalAngles(th, math.nan, r1, r2, "gram")
+                elif method == "qr" or (method == "auto" and (ill[j] or ill[n + j])):
+                    U1, U2 = core.qr_basis(f.B, f.A), core.qr_basis(g.B, g.A)
+                    k = min(U1.shape[1], U2.shape[1])
+                    c = torch.linalg.svdvals(U1.mT @ U2)[:k].clamp(0.0, 1.0).cpu() if k else torch.zeros(0, dtype=torch.float64)
+                    th = torch.arccos(c)  # cosines descending: angles ascending
+                    out[f.name] = PrincipalAngles(th, float(th.square().sum().sqrt()), U1.shape[1], U2.shape[1], "qr")
+                else:
+                    out[f.name] = PrincipalAngles(theta[j, : m[j]], dist[j], rank[j], rank[n + j], "gram")
+    return {f.name: out[f.name] for f, _ in pairs}

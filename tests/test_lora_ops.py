@@ -1,0 +1,287 @@
+"""lora_gram and sym_eigh native ops (CPU and CUDA) against their float64 references."""
+
+import pytest
+import torch
+
+from gradgeom import lora_ops, reference
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+# Gram entries against the exact float64 Gram, relative to sqrt(G_ii·G_jj) (Cauchy-Schwarz):
+# fp32 accumulation over blocks of rows, fp64 merge.
+GRAM_RTOL = {torch.float64: 1e-13, torch.float32: 2e-6, torch.float16: 2e-6, torch.bfloat16: 2e-6}
+
+
+def rand(shape, dtype, device, scale=1.0):
+    return (torch.randn(shape, dtype=torch.float64, device=device) * scale).to(dtype)
+
+
+def assert_gram_close(got, ref, dtype):
+    assert got.dtype == torch.float64 and got.shape == ref.shape
+    got, ref = got.cpu(), ref.cpu()
+    assert torch.isfinite(got).all()
+    d = torch.diagonal(ref, dim1=-2, dim2=-1).clamp_min(0)
+    scale = (d.unsqueeze(-1) * d.unsqueeze(-2)).sqrt()
+    err = (got - ref).abs()
+    assert torch.all(err <= GRAM_RTOL[dtype] * scale + 1e-300), (err / (scale + 1e-300)).max()
+    assert torch.equal(got, got.mT)
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return torch.device(request.param)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d,k,r", [(1, 1, 1), (7, 3, 2), (129, 65, 8), (4128, 64, 33), (64, 4128, 64), (300, 7, 256),
+                                   (65537, 1, 3), (0, 5, 4), (5, 0, 4), (3, 3, 0),
+                                   (200, 150, 80), (129, 1, 100)])
+def test_lora_gram_single_matches_reference(device, dtype, d, k, r):
+    B, A = rand((d, r), dtype, device), rand((r, k), dtype, device, 0.1)
+    gb, ga = lora_ops.lora_gram([B], [A])
+    rb, ra = reference.lora_gram([B], [A])
+    assert gb.device == B.device
+    assert_gram_close(gb, rb, dtype)
+    assert_gram_close(ga, ra, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lora_gram_ragged_mixed_and_views(device, dtype):
+    base = rand((40, 50), dtype, device)
+    Bs = [
+        rand((130, 16), dtype, device),
+        base[3:36:2, 1:18],                      # gapped view, r = 17
+        rand((9, 64), dtype, device).t().contiguous().t(),  # column-major
+        rand((1, 1), torch.float32, device),     # mixed dtype in one call
+        rand((257, 5), dtype, device).expand(257, 5),
+        rand((8, 128), dtype, device)[:, :128],
+    ]
+    As = [
+        rand((16, 7), dtype, device),
+        rand((33, 17), dtype, device).t(),       # transposed view
+        rand((64, 1), dtype, device),
+        rand((1, 4128), torch.bfloat16, device),
+        rand((5, 1), dtype, device).expand(5, 300),  # stride-0 columns
+        rand((128, 129), dtype, device)[:, 1:],  # unaligned start
+    ]
+    gb, ga = lora_ops.lora_gram(Bs, As)
+    rb, ra = reference.lora_gram(Bs, As)
+    assert gb.shape == (6, 128, 128)
+    tol = torch.float32 if dtype == torch.float64 else dtype  # adapter 3 is fp32/bf16
+    assert_gram_close(gb, rb, tol)
+    assert_gram_close(ga, ra, tol)
+    assert torch.all(gb[1, 17:] == 0) and torch.all(gb[1, :, 17:] == 0)
+
+
+def test_lora_gram_deterministic(device):
+    Bs = [rand((4128, 16), torch.bfloat16, device) for _ in range(3)]
+    As = [rand((16, 4096), torch.bfloat16, device) for _ in range(3)]
+    first = lora_ops.lora_gram(Bs, As)
+    for _ in range(3):
+        again = lora_ops.lora_gram(Bs, As)
+        assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+
+
+def test_lora_gram_empty_list():
+    gb, ga = lora_ops.lora_gram([], [])
+    assert gb.shape == (0, 0, 0) and ga.shape == (0, 0, 0) and gb.dtype == torch.float64
+
+
+def test_lora_gram_bad_input():
+    B, A = torch.randn(5, 3), torch.randn(3, 4)
+    with pytest.raises(ValueError, match="inner dimension r"):
+        lora_ops.lora_gram([B], [torch.randn(2, 4)])
+    with pytest.raises(ValueError, match="2-D"):
+        lora_ops.lora_gram([B.reshape(-1)], [A])
+    with pytest.raises(ValueError, match="same length"):
+        lora_ops.lora_gram([B, B], [A])
+    with pytest.raises(TypeError, match="dtype"):
+        lora_ops.lora_gram([B.long()], [A])
+    with pytest.raises(ValueError, match="one device"):
+        lora_ops.lora_gram([B], [A.to("meta")])
+    with pytest.raises(TypeError, match="list or tuple"):
+        lora_ops.lora_gram(B, A)
+    # The C++ checks, bypassing the Python wrapper.
+    with pytest.raises(ValueError, match="inner dimension r"):
+        torch.ops.gradgeom.lora_gram([B], [torch.randn(2, 4)])
+    with pytest.raises(ValueError, match="2-D"):
+        torch.ops.gradgeom.lora_gram([B.reshape(-1)], [A])
+    with pytest.raises(ValueError, match="same length"):
+        torch.ops.gradgeom.lora_gram([B, B], [A])
+    with pytest.raises(TypeError, match="dtype"):
+        torch.ops.gradgeom.lora_gram([B.int()], [A.int()])
+
+
+def test_lora_gram_opcheck(device):
+    Bs = [rand((33, 4), torch.float32, device), rand((7, 9), torch.bfloat16, device)]
+    As = [rand((4, 5), torch.float32, device), rand((9, 70), torch.bfloat16, device)]
+    torch.library.opcheck(torch.ops.gradgeom.lora_gram.default, (Bs, As))
+
+
+# --- sym_eigh -----------------------------------------------------------------------------------
+
+
+def sym_batch(batch, n, device, kind):
+    X = torch.randn(batch, n, n, dtype=torch.float64, device=device)
+    if kind == "indefinite":
+        return X + X.mT
+    if kind == "psd_lowrank":
+        Y = torch.randn(batch, n, max(1, n // 3), dtype=torch.float64, device=device)
+        return Y @ Y.mT
+    if kind == "repeated":
+        Q, _ = torch.linalg.qr(X)
+        w = torch.tensor([1.0, 1.0, 2.0, 2.0] * n, dtype=torch.float64, device=device)[:n]
+        return Q @ torch.diag_embed(w.expand(batch, n)) @ Q.mT
+    if kind == "zero":
+        return torch.zeros(batch, n, n, dtype=torch.float64, device=device)
+    raise ValueError(kind)
+
+
+def check_eigh(A, w, V):
+    rw, _ = torch.linalg.eigh(A.cpu().double())
+    w, V, A = w.cpu(), V.cpu(), A.cpu().double()
+    scale = A.flatten(1).norm(dim=1).clamp_min(1e-300)[:, None]
+    n = A.shape[-1]
+    assert torch.all((w - rw).abs() <= 1e-13 * n * scale), ((w - rw).abs() / scale).max()
+    assert torch.all(w[:, 1:] >= w[:, :-1])
+    eye = torch.eye(n, dtype=torch.float64)
+    assert (V.mT @ V - eye).abs().max() <= 1e-12 * n
+    assert ((V * w.unsqueeze(-2)) @ V.mT - A).abs().max() <= 1e-13 * n * scale.max()
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 8, 17, 33, 64])
+@pytest.mark.parametrize("kind", ["indefinite", "psd_lowrank", "repeated", "zero"])
+def test_sym_eigh_matches_lapack(device, n, kind):
+    A = sym_batch(3, n, device, kind)
+    w, V = lora_ops.sym_eigh(A)
+    check_eigh(A, w, V)
+    w2, V2 = lora_ops.sym_eigh(A, vectors=False)
+    assert torch.equal(w2, w) and V2.numel() == 0
+
+
+def test_sym_eigh_reads_lower_triangle_and_float32(device):
+    A = sym_batch(2, 9, device, "indefinite")
+    noisy = A + torch.triu(torch.randn_like(A), diagonal=1)
+    w, _ = lora_ops.sym_eigh(noisy.float(), vectors=False)
+    rw = torch.linalg.eigvalsh(A.float().double())
+    torch.testing.assert_close(w.cpu(), rw.cpu(), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("n", [128] + ([256] if HAS_CUDA else []))
+def test_sym_eigh_large(device, n):
+    A = sym_batch(1, n, device, "psd_lowrank")
+    w, V = lora_ops.sym_eigh(A)
+    check_eigh(A, w, V)
+
+
+def test_sym_eigh_bad_input_and_empty():
+    with pytest.raises(ValueError, match="square"):
+        lora_ops.sym_eigh(torch.randn(2, 3, 4, dtype=torch.float64))
+    with pytest.raises(TypeError, match="float32 or float64"):
+        lora_ops.sym_eigh(torch.randn(2, 3, 3).half())
+    with pytest.raises(ValueError, match="square"):
+        torch.ops.gradgeom.sym_eigh(torch.randn(3, 3, dtype=torch.float64), True)
+    with pytest.raises(ValueError, match="not supported"):
+        torch.ops.gradgeom.sym_eigh(torch.zeros(1, 1025, 1025, dtype=torch.float64), False)
+    w, V = lora_ops.sym_eigh(torch.zeros(0, 4, 4, dtype=torch.float64))
+    assert w.shape == (0, 4) and V.shape == (0, 4, 4)
+
+
+def test_sym_eigh_opcheck(device):
+    A = sym_batch(2, 6, device, "indefinite")
+    torch.library.opcheck(torch.ops.gradgeom.sym_eigh.default, (A, True))
+    torch.library.opcheck(torch.ops.gradgeom.sym_eigh.default, (A, False))
+
+
+@requires_cuda
+@pytest.mark.parametrize("n", [8, 64, 128, 256])
+def test_cuda_jacobi_vs_eigvalsh_batched(n):
+    """The GPU Jacobi solver against torch.linalg.eigvalsh in float64, 224-matrix batches."""
+    A = sym_batch(224 if n <= 64 else 32, n, torch.device("cuda"), "psd_lowrank")
+    A[::3] = sym_batch(A[::3].shape[0], n, torch.device("cuda"), "indefinite")
+    w, V = lora_ops.sym_eigh(A)
+    check_eigh(A, w, V)
+    w2, _ = lora_ops.sym_eigh(A, vectors=False)
+    ref = torch.linalg.eigvalsh(A)
+    scale = A.flatten(1).norm(dim=1)[:, None]
+    assert torch.all((w2 - ref).abs() <= 1e-13 * n * scale)
+    assert torch.equal(lora_ops.sym_eigh(A, vectors=False)[0], w2)  # deterministic
+
+
+@requires_cuda
+def test_cuda_ops_do_not_synchronise():
+    Bs = [torch.randn(4096, 16, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
+    As = [torch.randn(16, 4096, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        gb, ga = lora_ops.lora_gram(Bs, As)
+        lora_ops.sym_eigh(gb, vectors=True)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+# --- psd_cholesky -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 33, 64, 129])
+def test_psd_cholesky_positive_definite_matches_lapack(device, n):
+    X = torch.randn(3, n, n + 3, dtype=torch.float64, device=device)
+    A = X @ X.mT
+    F = lora_ops.psd_cholesky(A)
+    ref = reference.psd_cholesky(A)
+    torch.testing.assert_close((F @ F.mT).cpu(), (ref @ ref.mT).cpu(), rtol=1e-11, atol=1e-11 * float(A.abs().max()))
+    # Row-permuted lower triangular: column j has n - j nonzeros at most.
+    assert torch.all((F != 0).sum(-2) <= torch.arange(n, 0, -1, device=F.device))
+
+
+@pytest.mark.parametrize("n", [4, 16, 65])
+def test_psd_cholesky_semidefinite(device, n):
+    Y = torch.randn(4, n, n // 3 + 1, dtype=torch.float64, device=device)
+    A = Y @ Y.mT                          # rank n/3 + 1
+    A[1] = 0                              # zero Gram (LoRA B at init)
+    A[2, :, n // 2] = A[2, n // 2, :] = 0  # one zero direction
+    A_in = A.float() if n == 16 else A  # float32 input: rounded, so slightly indefinite
+    # Cut at the input's noise floor: pivots made of rounding noise would amplify it.
+    L = lora_ops.psd_cholesky(A_in, tol=1e-6 if n == 16 else 1e-14)
+    assert torch.isfinite(L).all()
+    assert torch.equal(L[1], torch.zeros_like(L[1]))
+    if n != 16:  # float64 input: exactly the numerical rank (float32 rounding noise has full rank)
+        assert torch.all(L[0, :, n // 3 + 1:] == 0)
+    err = (L @ L.mT - A_in.double()).abs().amax((-2, -1))
+    scale = A.abs().amax((-2, -1)).clamp_min(1e-300)
+    # What is left is about tol·max(diag) and the input's own rounding noise.
+    tol = 1e-6 if n == 16 else 1e-12
+    assert torch.all(err <= tol * scale), err / scale
+
+
+@requires_cuda
+@pytest.mark.parametrize("n", [256, 300])
+def test_cuda_psd_cholesky_large_matches_cpu(n):
+    """n > 128 runs from global memory on the GPU."""
+    for cols in (n + 3, n // 2):  # full rank, then rank n/2
+        Y = torch.randn(3, n, cols, dtype=torch.float64)
+        A = Y @ Y.mT
+        F = lora_ops.psd_cholesky(A.cuda()).cpu()
+        assert torch.isfinite(F).all()
+        assert ((F @ F.mT - A).abs().max() <= 1e-11 * A.abs().max())
+
+
+def test_psd_cholesky_bad_input_and_opcheck(device):
+    with pytest.raises(ValueError, match="square"):
+        lora_ops.psd_cholesky(torch.randn(2, 3, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="square"):
+        torch.ops.gradgeom.psd_cholesky(torch.randn(3, 3, dtype=torch.float64), 1e-14)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        torch.ops.gradgeom.psd_cholesky(torch.randn(1, 3, 3).half(), 1e-14)
+    assert lora_ops.psd_cholesky(torch.zeros(0, 3, 3)).shape == (0, 3, 3)
+    X = torch.randn(2, 5, 5, dtype=torch.float64, device=device)
+    torch.library.opcheck(torch.ops.gradgeom.psd_cholesky.default, (X @ X.mT, 1e-14))
+    for bad in (float("nan"), float("inf")):
+        M = X @ X.mT
+        M[0, 2, 2] = bad
+        F = lora_ops.psd_cholesky(M)
+        assert torch.isnan(F[0]).all() and torch.isfinite(F[1]).all()
