@@ -19,6 +19,7 @@
 
 #include "gradgeom/cuda_reduce.cuh"
 #include "gradgeom/lora_gram_plan.h"
+#include "gradgeom/check.h"
 
 namespace gradgeom {
 namespace {
@@ -204,7 +205,7 @@ std::tuple<at::Tensor, at::Tensor> lora_gram_cuda(at::TensorList Bs, at::TensorL
     const int64_t splits = g.rows == 0 ? 0
         : std::min<int64_t>(want_splits, (g.rows + kMinSplitRows - 1) / kMinSplitRows);
     const int64_t per_split = splits == 0 ? 0 : (g.rows + splits - 1) / splits;
-    TORCH_CHECK(splits < (int64_t(1) << 31), "lora_gram: too many row splits");
+    GG_CHECK(splits < (int64_t(1) << 31), "lora_gram: too many row splits");
     jobs[j] = DeviceGramJob{g.data, g.rows, g.row_stride, g.col_stride, partial_total, static_cast<int32_t>(g.cols),
                             static_cast<int32_t>(g.type), static_cast<int32_t>(splits), 0, per_split};
     partial_total += splits * g.cols * g.cols;
@@ -213,7 +214,7 @@ std::tuple<at::Tensor, at::Tensor> lora_gram_cuda(at::TensorList Bs, at::TensorL
       for (int32_t ti = 0; ti < tiles; ++ti)
         for (int32_t tj = ti; tj < tiles; ++tj) units.push_back(DeviceGramUnit{static_cast<int32_t>(j), s, ti, tj});
   }
-  TORCH_CHECK(units.size() < (size_t(1) << 31), "lora_gram: too many work units (", units.size(), ")");
+  GG_CHECK(units.size() < (size_t(1) << 31), "lora_gram: too many work units (", units.size(), ")");
 
   const int64_t job_words = num_jobs * 8;
   const int64_t words = job_words + static_cast<int64_t>(units.size()) * 2;
@@ -233,7 +234,7 @@ std::tuple<at::Tensor, at::Tensor> lora_gram_cuda(at::TensorList Bs, at::TensorL
                                                                                    partials.data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  TORCH_CHECK(n < (int64_t(1) << 31), "lora_gram: too many adapters (", n, ")");
+  GG_CHECK(n < (int64_t(1) << 31), "lora_gram: too many adapters (", n, ")");
   gram_merge_kernel<<<dim3(static_cast<unsigned>(n), 2), kThreads, 0, stream>>>(
       dev_jobs, partials.data_ptr<double>(), R, gb.data_ptr<double>(), ga.data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();

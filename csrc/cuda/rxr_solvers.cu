@@ -17,6 +17,7 @@
 #include "gradgeom/jacobi.h"
 #include "gradgeom/psd_cholesky.h"
 #include "gradgeom/rxr_check.h"
+#include "gradgeom/check.h"
 
 namespace gradgeom {
 namespace {
@@ -71,7 +72,7 @@ std::tuple<at::Tensor, at::Tensor> sym_eigh_cuda(const at::Tensor& A, bool vecto
   at::Tensor w = at::full({batch, n}, nan, opts);
   at::Tensor V = vectors ? at::full({batch, n, n}, nan, opts) : at::empty({0}, opts);
   if (batch == 0 || n == 0) return {w, V};
-  TORCH_CHECK(batch < (int64_t(1) << 31), "sym_eigh: batch too large (", batch, ")");
+  GG_CHECK(batch < (int64_t(1) << 31), "sym_eigh: batch too large (", batch, ")");
 
   const int m = static_cast<int>(n + (n % 2));
   const int ld = m + 1;  // odd stride: the columns of a 2x2 block fall in different banks
@@ -124,7 +125,7 @@ at::Tensor psd_cholesky_cuda(const at::Tensor& A, double tol) {
   const int64_t batch = a64.size(0);
   const int n = static_cast<int>(a64.size(1));
   if (batch == 0 || n == 0) return F;
-  TORCH_CHECK(batch < (int64_t(1) << 31), "psd_cholesky: batch too large (", batch, ")");
+  GG_CHECK(batch < (int64_t(1) << 31), "psd_cholesky: batch too large (", batch, ")");
   const int ld = n + 1;
   const int64_t scratch_bytes = (2 + int64_t(n)) * static_cast<int64_t>(sizeof(double));
   const int64_t mat_bytes = int64_t(n) * ld * static_cast<int64_t>(sizeof(double));

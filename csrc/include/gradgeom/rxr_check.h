@@ -3,17 +3,18 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+#include "gradgeom/check.h"
 
 namespace gradgeom {
 
 constexpr int64_t kSmallMatrixMaxSize = 1024;
 
 inline void check_square_batch(const char* op, const at::Tensor& A) {
-  TORCH_CHECK_VALUE(A.dim() == 3 && A.size(1) == A.size(2), op,
+  GG_CHECK_VALUE(A.dim() == 3 && A.size(1) == A.size(2), op,
                     ": A must be a batch of square matrices [batch, n, n], got shape ", A.sizes());
-  TORCH_CHECK_TYPE(A.scalar_type() == at::kDouble || A.scalar_type() == at::kFloat, op,
+  GG_CHECK_TYPE(A.scalar_type() == at::kDouble || A.scalar_type() == at::kFloat, op,
                    ": A must be float32 or float64, got ", A.scalar_type());
-  TORCH_CHECK_VALUE(A.size(1) <= kSmallMatrixMaxSize, op, ": matrices larger than ", kSmallMatrixMaxSize, " x ",
+  GG_CHECK_VALUE(A.size(1) <= kSmallMatrixMaxSize, op, ": matrices larger than ", kSmallMatrixMaxSize, " x ",
                     kSmallMatrixMaxSize, " are not supported, got n = ", A.size(1));
 }
 
