@@ -2,7 +2,8 @@
 // 64 x 64 tile on or above the diagonal of its r x r result, over every split of its rows:
 // the block stages a chunk of rows of the two column panels in shared memory (widened to fp32,
 // or fp64 for fp64 input) and each thread accumulates a 4 x 4 register tile. A narrow diagonal
-// tile (r <= 16 or <= 32) stages 128 or 64 rows per chunk instead of 32. Partials are written per
+// tile (r <= 16 or <= 32) stages 128 or 64 rows per chunk instead of 32, with a 1 x 1 or 2 x 2
+// register tile per thread. Partials are written per
 // split in fp64; a second launch sums each entry's splits in split order and writes the padded
 // [n, R, R] outputs. No atomics: bitwise deterministic. Current stream, no host synchronisation.
 #include <ATen/core/Tensor.h>
@@ -91,44 +92,42 @@ __device__ __forceinline__ void stage_panel(const DeviceGramJob& job, int64_t ro
   }
 }
 
-template <typename Kind>
-__device__ void unit_gram(const DeviceGramJob& job, const DeviceGramUnit& u, unsigned char* smem, double* partials) {
+// A 16 x 16 grid of threads covers the wpad x wpad tile; each thread owns a kTm x kTm register
+// tile (kTm = wpad / 16), so a narrow panel does 1 or 4 products per staged row, not 16.
+template <typename Kind, int kTm>
+__device__ void unit_gram_tiles(const DeviceGramJob& job, const DeviceGramUnit& u, const PanelShape& ps,
+                                typename Kind::acc* panel_i, typename Kind::acc* panel_j, double* partials) {
   using acc_t = typename Kind::acc;
-  acc_t* panel_i = reinterpret_cast<acc_t*>(smem);
-  acc_t* panel_j = u.ti == u.tj ? panel_i : panel_i + kPanel;
-  // Off-diagonal tiles pair a full panel with another: full width. A diagonal tile may be narrow.
-  const PanelShape ps = panel_shape(u.ti == u.tj ? min(kTile, job.cols - u.ti * kTile) : kTile);
   const int tx = threadIdx.x % 16;
   const int ty = threadIdx.x / 16;
   const int64_t row_begin = int64_t(u.split) * job.rows_per_split;
   const int64_t row_end = min(job.rows, row_begin + job.rows_per_split);
-  acc_t acc[4][4] = {};
+  acc_t acc[kTm][kTm] = {};
   for (int64_t row0 = row_begin; row0 < row_end; row0 += ps.rows) {
     stage_panel<Kind>(job, row0, row_end - row0, u.ti * kTile, ps, panel_i);
     if (u.ti != u.tj) stage_panel<Kind>(job, row0, row_end - row0, u.tj * kTile, ps, panel_j);
     __syncthreads();
 #pragma unroll 4
     for (int t = 0; t < ps.rows; ++t) {
-      acc_t xi[4], xj[4];
+      acc_t xi[kTm], xj[kTm];
 #pragma unroll
-      for (int a = 0; a < 4; ++a) {
-        const bool in = 16 * a < ps.wpad;
-        xi[a] = in ? panel_i[t * ps.stride + ty + 16 * a] : acc_t(0);
-        xj[a] = in ? panel_j[t * ps.stride + tx + 16 * a] : acc_t(0);
+      for (int a = 0; a < kTm; ++a) {
+        xi[a] = panel_i[t * ps.stride + ty + 16 * a];
+        xj[a] = panel_j[t * ps.stride + tx + 16 * a];
       }
 #pragma unroll
-      for (int a = 0; a < 4; ++a)
+      for (int a = 0; a < kTm; ++a)
 #pragma unroll
-        for (int b = 0; b < 4; ++b) acc[a][b] += xi[a] * xj[b];
+        for (int b = 0; b < kTm; ++b) acc[a][b] += xi[a] * xj[b];
     }
     __syncthreads();
   }
   const int64_t r = job.cols;
   double* out = partials + job.partial_offset + int64_t(u.split) * r * r;
 #pragma unroll
-  for (int a = 0; a < 4; ++a) {
+  for (int a = 0; a < kTm; ++a) {
 #pragma unroll
-    for (int b = 0; b < 4; ++b) {
+    for (int b = 0; b < kTm; ++b) {
       const int64_t i = int64_t(u.ti) * kTile + ty + 16 * a;
       const int64_t j = int64_t(u.tj) * kTile + tx + 16 * b;
       if (i < r && j < r) {
@@ -136,6 +135,20 @@ __device__ void unit_gram(const DeviceGramJob& job, const DeviceGramUnit& u, uns
         if (u.ti != u.tj) out[j * r + i] = static_cast<double>(acc[a][b]);
       }
     }
+  }
+}
+
+template <typename Kind>
+__device__ void unit_gram(const DeviceGramJob& job, const DeviceGramUnit& u, unsigned char* smem, double* partials) {
+  using acc_t = typename Kind::acc;
+  acc_t* panel_i = reinterpret_cast<acc_t*>(smem);
+  acc_t* panel_j = u.ti == u.tj ? panel_i : panel_i + kPanel;
+  // Off-diagonal tiles pair a full panel with another: full width. A diagonal tile may be narrow.
+  const PanelShape ps = panel_shape(u.ti == u.tj ? min(kTile, job.cols - u.ti * kTile) : kTile);
+  switch (ps.wpad) {
+    case 16: unit_gram_tiles<Kind, 1>(job, u, ps, panel_i, panel_j, partials); break;
+    case 32: unit_gram_tiles<Kind, 2>(job, u, ps, panel_i, panel_j, partials); break;
+    default: unit_gram_tiles<Kind, 4>(job, u, ps, panel_i, panel_j, partials); break;
   }
 }
 
