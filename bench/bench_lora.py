@@ -21,10 +21,7 @@ Targets on an H100: Frobenius < 0.3 ms, singular values < 1 ms for r <= 128, ang
 from __future__ import annotations
 
 import os
-import statistics
 import sys
-import time
-from typing import Callable
 
 import pytest
 import torch
@@ -32,41 +29,14 @@ import torch
 if __name__ == "__main__":  # run as a script from anywhere: import gradgeom from this checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import copy_gbps, median_ms  # noqa: E402
+
 from gradgeom import lora  # noqa: E402
 
 GPU = dict(n=224, d=4096, k=4096, ranks=(8, 16, 64, 128), dtype=torch.bfloat16)
 CPU = dict(n=32, d=1024, k=1024, ranks=(8, 16, 64), dtype=torch.float32)
 ANGLE_R = 16
-
-
-def median_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, reps: int = 15) -> float:
-    """Median wall time of fn() in ms (CUDA events on GPU, perf_counter on CPU)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def copy_gbps(nbytes: int, device: torch.device) -> float:
-    """Device-to-device copy bandwidth, bytes read + written, for a buffer of >= nbytes."""
-    n = max(nbytes, 256 << 20)
-    src = torch.empty(n, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    ms = median_ms(lambda: dst.copy_(src), device)
-    return 2 * n / ms / 1e6
 
 
 def adapters(n, d, k, r, dtype, device, seed=0):

@@ -13,24 +13,14 @@ import pytest
 import torch
 
 from gradgeom import compiled_with_cuda, ops, reference
+from timing import median_ms
 
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and compiled_with_cuda()),
                                 reason="needs a CUDA device and gradgeom's CUDA kernels")
 
 
-def cuda_ms(fn, iters: int = 20, warmup: int = 3) -> float:
-    """Median milliseconds of fn() by CUDA events."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
+def cuda_ms(fn) -> float:
+    return median_ms(fn, torch.device("cuda"))
 
 
 def llama_grads(hidden=4096, inter=11008, layers=8, dtype=torch.bfloat16):

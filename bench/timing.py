@@ -32,7 +32,10 @@ def median_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, r
 
 
 def copy_gbps(nbytes: int, device: torch.device) -> float:
-    """Device-to-device (or host memcpy) copy bandwidth, counting bytes read + written, in GB/s."""
+    """Device-to-device (or host memcpy) copy bandwidth, counting bytes read + written, in GB/s.
+
+    The buffer is at least 256 MiB, so that a small working set does not measure a cache."""
+    nbytes = max(nbytes, 256 << 20)
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     src.random_(0, 255)
     dst = torch.empty_like(src)
