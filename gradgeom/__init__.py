@@ -1,26 +1,32 @@
 """gradgeom: the geometry of training, measured while it happens.
 
-Functional ops live in :mod:`gradgeom.ops` (fused gradient statistics) and pure-torch float64
-twins of each in :mod:`gradgeom.reference`.
+Functional level: :mod:`gradgeom.ops` (fused gradient statistics), :mod:`gradgeom.lora` (LoRA
+update geometry) and their float64 twins in :mod:`gradgeom.reference`. Stateful level:
+:class:`GradientSmoothnessEstimator`, :class:`PauseController` and the callbacks in
+:mod:`gradgeom.integrations`.
 """
 
 from gradgeom._native import compiled_with_cuda
-from gradgeom import ops, reference
-from gradgeom import lora, lora_ops
+from gradgeom import lora, lora_ops, ops, reference
+from gradgeom.controller import Decision, PauseController
+from gradgeom.estimator import GradientSmoothnessEstimator
+from gradgeom.policy import Action, PausePolicy
+from gradgeom.quality import LayerGradientQuality, SmoothnessThresholds
 
 __version__ = "0.1.0"
 
-__all__ = ["compiled_with_cuda", "ops", "reference", "__version__"]
-
-# --- estimator (issue 3) ---
-from gradgeom.quality import LayerGradientQuality, SmoothnessThresholds  # noqa: E402
-from gradgeom.estimator import GradientSmoothnessEstimator  # noqa: E402
-
-__all__ += ["GradientSmoothnessEstimator", "LayerGradientQuality", "SmoothnessThresholds"]
-
-# --- controller (issue 5) ---
-from gradgeom.policy import Action, PausePolicy  # noqa: E402
-from gradgeom.controller import Decision, PauseController  # noqa: E402
-
-__all__ += ["Action", "Decision", "PauseController", "PausePolicy"]
-__all__ += ["lora", "lora_ops"]
+__all__ = [
+    "Action",
+    "Decision",
+    "GradientSmoothnessEstimator",
+    "LayerGradientQuality",
+    "PauseController",
+    "PausePolicy",
+    "SmoothnessThresholds",
+    "compiled_with_cuda",
+    "lora",
+    "lora_ops",
+    "ops",
+    "reference",
+    "__version__",
+]
