@@ -45,15 +45,6 @@ struct SketchDeviceTensor {
 };
 static_assert(sizeof(SketchDeviceTensor) == 48, "SketchDeviceTensor must be 6 words");
 
-__device__ __forceinline__ int find_sketch_owner(const SketchDeviceTensor* ts, int n, int64_t chunk) {
-  int lo = 0, hi = n - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) >> 1;
-    if (ts[mid].chunk_begin <= chunk) lo = mid; else hi = mid - 1;
-  }
-  return lo;
-}
-
 // Elements with group index i0 .. i0+7 (i0 a multiple of 8) that lie in [begin, end).
 template <typename Kind>
 __device__ __forceinline__ void load8(const SketchDeviceTensor& t, int64_t i0, int64_t begin, int64_t end,
@@ -223,7 +214,7 @@ __global__ void __launch_bounds__(kThreads) sketch_chunk_kernel(const SketchDevi
   __shared__ Moments<double> scratch[kThreads / 32];
   __shared__ int owner;
   const int64_t chunk = blockIdx.x;
-  if (threadIdx.x == 0) owner = find_sketch_owner(tensors, num_tensors, chunk);
+  if (threadIdx.x == 0) owner = find_owner(tensors, num_tensors, chunk);
   __syncthreads();
   const SketchDeviceTensor t = tensors[owner];
   const int64_t local = chunk - t.chunk_begin;

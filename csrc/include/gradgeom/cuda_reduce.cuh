@@ -46,8 +46,10 @@ struct DeviceTensor {
 };
 static_assert(sizeof(DeviceTensor) == 32, "DeviceTensor must be 4 words");
 
-// Index of the tensor that owns global chunk `chunk` (tensors ordered by chunk_begin).
-__device__ __forceinline__ int find_owner(const DeviceTensor* ts, int num_tensors, int64_t chunk) {
+// Index of the entry that owns global chunk `chunk`, in a table of entries (anything with a
+// `chunk_begin` field) ordered by chunk_begin.
+template <typename Entry>
+__device__ __forceinline__ int find_owner(const Entry* ts, int num_tensors, int64_t chunk) {
   int lo = 0, hi = num_tensors - 1;
   while (lo < hi) {
     const int mid = (lo + hi + 1) >> 1;
