@@ -18,6 +18,8 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+if __name__ == "__main__":  # run as a script from anywhere: import gradgeom from this checkout
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from timing import copy_gbps, median_ms, report  # noqa: E402
 
 from gradgeom import ops  # noqa: E402
