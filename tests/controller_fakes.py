@@ -51,6 +51,13 @@ class FakeMachine:
                              gpu_memory_fraction=self.gpu_memory, host_memory_fraction=self.host_memory)
 
 
+class QuietMachine:
+    """A provider that reports no machine signal at all (nothing to pause for)."""
+
+    def read(self) -> SystemSignals:
+        return SystemSignals()
+
+
 class FakeClock:
     def __init__(self) -> None:
         self.now = 1000.0

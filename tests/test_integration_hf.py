@@ -11,18 +11,10 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
-gradgeom = pytest.importorskip("gradgeom")
-if not hasattr(gradgeom, "GradientSmoothnessEstimator"):
-    pytest.skip("gradgeom.GradientSmoothnessEstimator is not available on this branch", allow_module_level=True)
 
 from gradgeom import Action, GradientSmoothnessEstimator, PauseController, PausePolicy  # noqa: E402
 from gradgeom.integrations.hf import GradGeomCallback  # noqa: E402
-from gradgeom.system_signals import SystemSignals  # noqa: E402
-
-
-class _QuietMachine:
-    def read(self):
-        return SystemSignals()
+from controller_fakes import QuietMachine  # noqa: E402
 
 
 class _Tokens(torch.utils.data.Dataset):
@@ -51,7 +43,7 @@ def _parts(audit=None, **policy_kw):
     est = GradientSmoothnessEstimator(model, include=r"lora_", attach=False)
     policy = PausePolicy(**{**dict(warmup_steps=0, patience=1, min_dwell_steps=100, snr_enter=1e6, snr_exit=2e6),
                             **policy_kw})
-    ctrl = PauseController(est, policy=policy, system=_QuietMachine(), sleep=None, audit_log=audit)
+    ctrl = PauseController(est, policy=policy, system=QuietMachine(), sleep=None, audit_log=audit)
     return model, est, ctrl
 
 
@@ -160,7 +152,7 @@ def test_stop_decision_stops_the_trainer(tmp_path):
 
     ctrl = PauseController(est, policy=PausePolicy(warmup_steps=0, user_signal_enter=5.0, user_signal_exit=1.0,
                                                    user_signal_action="stop"),
-                           system=_QuietMachine(), user_signal=user_signal, sleep=None)
+                           system=QuietMachine(), user_signal=user_signal, sleep=None)
     cb = GradGeomCallback(estimator=est, controller=ctrl)
     trainer = transformers.Trainer(model=model, args=_args(tmp_path / "s", 10, save_strategy="no"),
                                    train_dataset=_Tokens(), callbacks=[cb])
@@ -188,7 +180,7 @@ def test_skip_step_decision_leaves_the_adapter_untouched(tmp_path):
 
     ctrl = PauseController(est, policy=PausePolicy(warmup_steps=0, user_signal_enter=5.0, user_signal_exit=1.0,
                                                    user_signal_action="skip_step"),
-                           system=_QuietMachine(), user_signal=user_signal, sleep=None)
+                           system=QuietMachine(), user_signal=user_signal, sleep=None)
     rec = _ParamRecorder(model)
     trainer = transformers.Trainer(model=model, args=_args(tmp_path / "k", 5, save_strategy="no"),
                                    train_dataset=_Tokens(), callbacks=[GradGeomCallback(estimator=est, controller=ctrl), rec])

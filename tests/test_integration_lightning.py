@@ -6,20 +6,12 @@ import pytest
 import torch
 
 L = pytest.importorskip("lightning")
-gradgeom = pytest.importorskip("gradgeom")
-if not hasattr(gradgeom, "GradientSmoothnessEstimator"):
-    pytest.skip("gradgeom.GradientSmoothnessEstimator is not available on this branch", allow_module_level=True)
 
 from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 
 from gradgeom import Action, GradientSmoothnessEstimator, PauseController, PausePolicy  # noqa: E402
 from gradgeom.integrations.lightning import GradGeomCallback  # noqa: E402
-from gradgeom.system_signals import SystemSignals  # noqa: E402
-
-
-class _QuietMachine:
-    def read(self):
-        return SystemSignals()
+from controller_fakes import QuietMachine  # noqa: E402
 
 
 class _Net(L.LightningModule):
@@ -54,7 +46,7 @@ def _callback(policy_kw=None, log_every=2, user_signal=None):
                          **(policy_kw or {})})
     return GradGeomCallback(
         estimator=lambda m: GradientSmoothnessEstimator(m, attach=False),
-        controller=lambda est: PauseController(est, policy=pol, system=_QuietMachine(), sleep=None,
+        controller=lambda est: PauseController(est, policy=pol, system=QuietMachine(), sleep=None,
                                                user_signal=user_signal),
         log_every=log_every,
     )
