@@ -69,6 +69,16 @@ def lora_gram(
     return torch.ops.gradgeom.lora_gram(Bs, As)
 
 
+def _check_square_batch(op: str, A: torch.Tensor) -> None:
+    """Python-side checks shared by the r×r solvers (the C++ ops check the same)."""
+    if not isinstance(A, torch.Tensor):
+        raise TypeError(f"{op}: A must be a torch.Tensor, got {type(A).__name__}")
+    if A.dim() != 3 or A.shape[1] != A.shape[2]:
+        raise ValueError(f"{op}: A must be a batch of square matrices [batch, n, n], got shape {tuple(A.shape)}")
+    if A.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{op}: A must be float32 or float64, got {A.dtype}")
+
+
 def sym_eigh(A: torch.Tensor, *, vectors: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigen-decomposition of a batch of real symmetric matrices (cyclic Jacobi, fp64).
 
@@ -83,12 +93,7 @@ def sym_eigh(A: torch.Tensor, *, vectors: bool = True) -> tuple[torch.Tensor, to
         On CUDA one block solves one matrix, so the time grows smoothly with n (no cuSOLVER
         batched cliff at n > 32); on the CPU the same algorithm runs per matrix.
     """
-    if not isinstance(A, torch.Tensor):
-        raise TypeError(f"sym_eigh: A must be a torch.Tensor, got {type(A).__name__}")
-    if A.dim() != 3 or A.shape[1] != A.shape[2]:
-        raise ValueError(f"sym_eigh: A must be a batch of square matrices [batch, n, n], got shape {tuple(A.shape)}")
-    if A.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"sym_eigh: A must be float32 or float64, got {A.dtype}")
+    _check_square_batch("sym_eigh", A)
     return torch.ops.gradgeom.sym_eigh(A, vectors)
 
 
@@ -106,12 +111,7 @@ def psd_cholesky(A: torch.Tensor, *, tol: float = 1e-14) -> torch.Tensor:
         and pivoting keeps rounding noise in a rank-deficient Gram matrix from being amplified.
         One block per matrix on CUDA (shared memory for n ≤ 128).
     """
-    if not isinstance(A, torch.Tensor):
-        raise TypeError(f"psd_cholesky: A must be a torch.Tensor, got {type(A).__name__}")
-    if A.dim() != 3 or A.shape[1] != A.shape[2]:
-        raise ValueError(f"psd_cholesky: A must be a batch of square matrices [batch, n, n], got shape {tuple(A.shape)}")
-    if A.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"psd_cholesky: A must be float32 or float64, got {A.dtype}")
+    _check_square_batch("psd_cholesky", A)
     return torch.ops.gradgeom.psd_cholesky(A, float(tol))
 
 

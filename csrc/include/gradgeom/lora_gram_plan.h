@@ -34,6 +34,20 @@ struct LoraGramPlan {
   int64_t max_rank = 0;       // R: the outputs are [num_adapters, R, R], zero-padded
 };
 
+// The job XᵀX for a 2-D factor t read in place: X's rows run along t's dimension dim_rows and
+// its columns along the other one (dim_rows = 1 makes X = tᵀ).
+inline GramJob gram_job(const at::Tensor& t, int dim_rows) {
+  const int dim_cols = 1 - dim_rows;
+  GramJob job;
+  job.data = t.data_ptr();
+  job.rows = t.size(dim_rows);
+  job.cols = t.size(dim_cols);
+  job.row_stride = t.stride(dim_rows);
+  job.col_stride = t.stride(dim_cols);
+  job.type = elem_type_of(t.scalar_type());
+  return job;
+}
+
 inline LoraGramPlan make_lora_gram_plan(const at::TensorList& Bs, const at::TensorList& As) {
   GG_CHECK_VALUE(Bs.size() == As.size(), "lora_gram: Bs and As must have the same length, got ", Bs.size(),
                     " B factors and ", As.size(), " A factors");
@@ -56,22 +70,8 @@ inline LoraGramPlan make_lora_gram_plan(const at::TensorList& Bs, const at::Tens
       GG_CHECK_VALUE(t->device() == Bs[0].device(), "lora_gram: all factors must be on one device: ", which,
                         "[", i, "] is on ", t->device(), " but Bs[0] is on ", Bs[0].device());
     }
-    GramJob jb;
-    jb.data = B.data_ptr();
-    jb.rows = B.size(0);
-    jb.cols = B.size(1);
-    jb.row_stride = B.stride(0);
-    jb.col_stride = B.stride(1);
-    jb.type = elem_type_of(B.scalar_type());
-    GramJob ja;
-    ja.data = A.data_ptr();
-    ja.rows = A.size(1);
-    ja.cols = A.size(0);
-    ja.row_stride = A.stride(1);
-    ja.col_stride = A.stride(0);
-    ja.type = elem_type_of(A.scalar_type());
-    plan.jobs.push_back(jb);
-    plan.jobs.push_back(ja);
+    plan.jobs.push_back(gram_job(B, /*dim_rows=*/0));  // BᵀB: X = B
+    plan.jobs.push_back(gram_job(A, /*dim_rows=*/1));  // A·Aᵀ: X = Aᵀ
     plan.max_rank = std::max<int64_t>(plan.max_rank, B.size(1));
   }
   return plan;
