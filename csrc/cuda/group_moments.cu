@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include "gradgeom/cuda_reduce.cuh"
+#include "gradgeom/device_upload.h"
 #include "gradgeom/moments.h"
 #include "gradgeom/tensor_list_plan.h"
 #include "gradgeom/check.h"
@@ -214,15 +215,14 @@ at::Tensor group_moments_cuda(at::TensorList tensors, c10::IntArrayRef group_ids
   // Metadata: the tensor table, then group_chunk_begin; one pinned buffer, one async copy.
   const int64_t num_tensors = static_cast<int64_t>(plan.tensors.size());
   const int64_t words = num_tensors * 4 + num_groups + 1;
-  at::Tensor host = at::empty({words}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-  auto* table = reinterpret_cast<DeviceTensor*>(host.data_ptr<int64_t>());
-  for (int64_t i = 0; i < num_tensors; ++i) {
-    const PlannedTensor& p = plan.tensors[i];
-    table[i] = DeviceTensor{p.data, p.numel, p.chunk_begin, p.head, static_cast<int32_t>(p.type)};
-  }
-  std::copy(plan.group_chunk_begin.begin(), plan.group_chunk_begin.end(), host.data_ptr<int64_t>() + num_tensors * 4);
-  at::Tensor meta = at::empty({words}, dev.dtype(at::kLong));
-  meta.copy_(host, /*non_blocking=*/true);
+  const at::Tensor meta = upload_words(words, dev, [&](int64_t* host) {
+    auto* table = reinterpret_cast<DeviceTensor*>(host);
+    for (int64_t i = 0; i < num_tensors; ++i) {
+      const PlannedTensor& p = plan.tensors[i];
+      table[i] = DeviceTensor{p.data, p.numel, p.chunk_begin, p.head, static_cast<int32_t>(p.type)};
+    }
+    std::copy(plan.group_chunk_begin.begin(), plan.group_chunk_begin.end(), host + num_tensors * 4);
+  });
 
   at::Tensor partials = at::empty({plan.num_chunks, kMomentColumns}, dev.dtype(at::kDouble));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();

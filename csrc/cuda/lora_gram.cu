@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "gradgeom/cuda_reduce.cuh"
+#include "gradgeom/device_upload.h"
 #include "gradgeom/lora_gram_plan.h"
 #include "gradgeom/check.h"
 
@@ -231,12 +232,10 @@ std::tuple<at::Tensor, at::Tensor> lora_gram_cuda(at::TensorList Bs, at::TensorL
 
   const int64_t job_words = num_jobs * 8;
   const int64_t words = job_words + static_cast<int64_t>(units.size()) * 2;
-  at::Tensor host = at::empty({words}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-  std::memcpy(host.data_ptr<int64_t>(), jobs.data(), job_words * sizeof(int64_t));
-  if (!units.empty())
-    std::memcpy(host.data_ptr<int64_t>() + job_words, units.data(), units.size() * sizeof(DeviceGramUnit));
-  at::Tensor meta = at::empty({words}, dev.dtype(at::kLong));
-  meta.copy_(host, /*non_blocking=*/true);
+  const at::Tensor meta = upload_words(words, dev, [&](int64_t* host) {
+    std::memcpy(host, jobs.data(), job_words * sizeof(int64_t));
+    if (!units.empty()) std::memcpy(host + job_words, units.data(), units.size() * sizeof(DeviceGramUnit));
+  });
   const auto* dev_jobs = reinterpret_cast<const DeviceGramJob*>(meta.data_ptr<int64_t>());
   const auto* dev_units = reinterpret_cast<const DeviceGramUnit*>(meta.data_ptr<int64_t>() + job_words);
 

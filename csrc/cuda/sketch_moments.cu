@@ -22,6 +22,7 @@
 #include <tuple>
 
 #include "gradgeom/cuda_reduce.cuh"
+#include "gradgeom/device_upload.h"
 #include "gradgeom/moments.h"
 #include "gradgeom/sketch_hash.h"
 #include "gradgeom/sketch_plan.h"
@@ -316,15 +317,14 @@ std::tuple<at::Tensor, at::Tensor> sketch_moments_cuda(at::TensorList tensors, c
   // Metadata: the tensor table, then group_chunk_begin; one pinned buffer, one async copy.
   const int64_t num_tensors = static_cast<int64_t>(plan.tensors.size());
   const int64_t words = num_tensors * 6 + num_groups + 1;
-  at::Tensor host = at::empty({words}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-  auto* table = reinterpret_cast<SketchDeviceTensor*>(host.data_ptr<int64_t>());
-  for (int64_t i = 0; i < num_tensors; ++i) {
-    const SketchPlannedTensor& p = plan.tensors[i];
-    table[i] = SketchDeviceTensor{p.data, p.numel, p.offset, p.chunk_begin, p.type, p.aligned, 0};
-  }
-  std::copy(plan.group_chunk_begin.begin(), plan.group_chunk_begin.end(), host.data_ptr<int64_t>() + num_tensors * 6);
-  at::Tensor meta = at::empty({words}, dev.dtype(at::kLong));
-  meta.copy_(host, /*non_blocking=*/true);
+  const at::Tensor meta = upload_words(words, dev, [&](int64_t* host) {
+    auto* table = reinterpret_cast<SketchDeviceTensor*>(host);
+    for (int64_t i = 0; i < num_tensors; ++i) {
+      const SketchPlannedTensor& p = plan.tensors[i];
+      table[i] = SketchDeviceTensor{p.data, p.numel, p.offset, p.chunk_begin, p.type, p.aligned, 0};
+    }
+    std::copy(plan.group_chunk_begin.begin(), plan.group_chunk_begin.end(), host + num_tensors * 6);
+  });
 
   at::Tensor sk_partials = at::empty({plan.num_chunks, sketch_dim}, dev.dtype(at::kFloat));
   at::Tensor mom_partials = at::empty({plan.num_chunks, kMomentColumns}, dev.dtype(at::kDouble));
