@@ -36,6 +36,7 @@ class AuditLog:
             raise TypeError(f"PauseController: audit_log must be a path or a text stream, got {type(target).__name__}")
 
     def write(self, record: dict[str, Any]) -> None:
+        """Append ``record`` (with a ``time`` field) as one JSON line; no-op without a target."""
         if self._path is None and self._stream is None:
             return
         if self._stream is None:
@@ -47,6 +48,7 @@ class AuditLog:
         self._stream.flush()
 
     def close(self) -> None:
+        """Close the file if this log opened it (a stream passed in stays open)."""
         if self._owned and self._stream is not None:
             self._stream.close()
             self._stream = None

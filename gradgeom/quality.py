@@ -62,4 +62,5 @@ class LayerGradientQuality:
     extra: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
+        """The fields as a plain dict (for JSON logging)."""
         return asdict(self)

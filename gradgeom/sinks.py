@@ -26,9 +26,11 @@ __all__ = ["TensorBoardSink", "JSONLSink"]
 
 class _Sink:
     def log(self, metrics: Mapping[str, float], step: int) -> None:
+        """Record a flat ``{name: float}`` dict (e.g. ``estimator.metrics()``) at ``step``."""
         raise NotImplementedError
 
     def log_decision(self, decision: Any) -> None:
+        """Record a controller :class:`~gradgeom.controller.Decision` (action, reason, signals)."""
         raise NotImplementedError
 
     def flush(self) -> None:

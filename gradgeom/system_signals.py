@@ -62,6 +62,7 @@ class SystemSignalProvider(Protocol):
     """Anything that can report :class:`SystemSignals`."""
 
     def read(self) -> SystemSignals:
+        """The machine's current signals; fields it cannot measure are None."""
         ...
 
 
