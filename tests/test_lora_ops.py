@@ -79,6 +79,50 @@ def test_lora_gram_ragged_mixed_and_views(device, dtype):
     assert torch.all(gb[1, 17:] == 0) and torch.all(gb[1, :, 17:] == 0)
 
 
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("r", [1, 8, 16, 24, 32, 40, 64, 72, 128])
+def test_lora_gram_tensor_core_layouts(dtype, r):
+    """Dense 16-bit factors with r <= 128 take the tensor-core path on sm_80+, in both layouts
+    (columns of X contiguous, rows contiguous), with row tails that end mid-vector and many splits."""
+    dev = torch.device("cuda")
+    d, k = 4131, 4136
+    Bs = [
+        rand((d, r), dtype, dev),                      # rows of X contiguous (r % 8 == 0: 16-byte rows)
+        rand((r, d), dtype, dev).t(),                  # B stored transposed: columns of X contiguous
+        rand((65537, r), dtype, dev, 1e-2),            # many splits
+        rand((d, r), dtype, dev, 1e3),
+    ]
+    As = [
+        rand((r, k), dtype, dev, 0.1),                 # columns of X = Aᵀ contiguous
+        rand((r, k + 8), dtype, dev)[:, :d],           # view: the last 16-byte copy is partly past the row
+        rand((k, r), dtype, dev).t(),                  # A stored transposed: rows of X contiguous
+        rand((r, 8), dtype, dev),
+    ]
+    gb, ga = lora_ops.lora_gram(Bs, As)
+    rb, ra = reference.lora_gram(Bs, As)
+    assert_gram_close(gb, rb, dtype)
+    assert_gram_close(ga, ra, dtype)
+    again = lora_ops.lora_gram(Bs, As)
+    assert torch.equal(gb, again[0]) and torch.equal(ga, again[1])
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_lora_gram_tensor_core_non_finite(dtype):
+    dev = torch.device("cuda")
+    B, A = rand((1000, 16), dtype, dev), rand((16, 1000), dtype, dev)
+    B[500, 3] = float("nan")
+    A[5, 999] = float("inf")
+    gb, ga = lora_ops.lora_gram([B], [A])
+    rb, ra = reference.lora_gram([B], [A])
+    assert torch.equal(torch.isnan(gb.cpu()), torch.isnan(rb.cpu()))
+    assert torch.equal(torch.isinf(ga.cpu()), torch.isinf(ra.cpu()))
+    assert torch.equal(torch.isnan(ga.cpu()), torch.isnan(ra.cpu()))
+    finite = torch.isfinite(rb.cpu())
+    assert torch.allclose(gb.cpu()[finite], rb.cpu()[finite], rtol=1e-5, atol=1e-3)
+
+
 def test_lora_gram_deterministic(device):
     Bs = [rand((4128, 16), torch.bfloat16, device) for _ in range(3)]
     As = [rand((16, 4096), torch.bfloat16, device) for _ in range(3)]

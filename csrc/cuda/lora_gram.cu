@@ -1,27 +1,34 @@
-// lora_gram on CUDA. One launch computes, for every Gram job XᵀX (lora_gram_plan.h), every
-// 64 x 64 tile on or above the diagonal of its r x r result, over every split of its rows:
-// the block stages a chunk of rows of the two column panels in shared memory (widened to fp32,
-// or fp64 for fp64 input) and each thread accumulates a 4 x 4 register tile. A narrow diagonal
-// tile (r <= 16 or <= 32) stages 128 or 64 rows per chunk instead of 32, with a 1 x 1 or 2 x 2
-// register tile per thread. Partials are written per
-// split in fp64; a second launch sums each entry's splits in split order and writes the padded
-// [n, R, R] outputs. No atomics: bitwise deterministic. Current stream, no host synchronisation.
+// lora_gram on CUDA. Every Gram job XᵀX (lora_gram_plan.h) is split along X's rows; each split
+// is one work unit, and units take one of two paths:
+//  * tensor cores (mma_gram.cuh): fp16/bf16 factors with r <= 128 laid out densely (B [d, r] or
+//    A [r, k] row-major, 16-byte aligned), on sm_80+: the whole r x r Gram of the split per block;
+//  * CUDA cores (everything else): one 64 x 64 tile on or above the diagonal per block; the block
+//    stages a chunk of rows of the two column panels in shared memory (widened to fp32, or fp64
+//    for fp64 input) and each thread accumulates a register tile (4 x 4; 1 x 1 or 2 x 2 for a
+//    narrow diagonal tile, which stages more rows per chunk instead).
+// Partials are written per split in fp64; a last launch sums each entry's splits in split order
+// and writes the padded [n, R, R] outputs. No atomics: bitwise deterministic. Current stream,
+// no host synchronisation.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <cstring>
 #include <tuple>
 #include <vector>
 
+#include "gradgeom/check.h"
 #include "gradgeom/cuda_reduce.cuh"
 #include "gradgeom/device_upload.h"
 #include "gradgeom/lora_gram_plan.h"
-#include "gradgeom/check.h"
+#include "gradgeom/mma_gram.cuh"
 
 namespace gradgeom {
 namespace {
@@ -43,7 +50,7 @@ struct DeviceGramJob {
   int32_t cols;
   int32_t type;
   int32_t splits;
-  int32_t pad0;
+  int32_t mma;  // 0: CUDA-core path; else W | layout << 8 (tensor-core path, mma_gram.cuh)
   int64_t rows_per_split;
 };
 static_assert(sizeof(DeviceGramJob) == 64, "DeviceGramJob must be 8 words");
@@ -166,24 +173,92 @@ __global__ void __launch_bounds__(kThreads) gram_units_kernel(const DeviceGramJo
   }
 }
 
-// Block (adapter, factor): out[adapter][i][j] = sum over splits, zero outside r x r.
-__global__ void __launch_bounds__(kThreads) gram_merge_kernel(const DeviceGramJob* jobs, const double* partials,
-                                                              int64_t R, double* out_b, double* out_a) {
-  const int64_t adapter = blockIdx.x;
-  const int factor = blockIdx.y;
-  const DeviceGramJob job = jobs[2 * adapter + factor];
-  const int64_t r = job.cols;
-  double* out = (factor == 0 ? out_b : out_a) + adapter * R * R;
-  for (int64_t e = threadIdx.x; e < R * R; e += kThreads) {
-    const int64_t i = e / R;
-    const int64_t j = e - i * R;
-    double v = 0.0;
-    if (i < r && j < r) {
-      const double* p = partials + job.partial_offset + i * r + j;
-      for (int s = 0; s < job.splits; ++s) v += p[int64_t(s) * r * r];
-    }
-    out[e] = v;
+// Job DeviceGramJob::mma code: bits 0-7 W, bits 8-15 layout, bit 16 "direct": the job has one
+// split, whose Gram goes straight into the [n, R, R] output instead of the partials.
+constexpr int32_t kDirect = 1 << 16;
+
+template <bool kWide>
+__global__ void __launch_bounds__(mma_gram::kThreads, kWide ? 1 : 2) gram_mma_kernel(const DeviceGramJob* jobs,
+                                                                                    const DeviceGramUnit* units,
+                                                                                    double* partials, int64_t R,
+                                                                                    double* out_b, double* out_a) {
+  extern __shared__ __align__(16) unsigned char mma_smem[];
+  const DeviceGramUnit u = units[blockIdx.x];
+  const DeviceGramJob job = jobs[u.job];
+  const int64_t begin = int64_t(u.split) * job.rows_per_split;
+  mma_gram::Job mj{static_cast<const uint16_t*>(job.data), begin, min(job.rows, begin + job.rows_per_split),
+                   job.row_stride, job.col_stride, job.cols, nullptr, job.cols};
+  if (job.mma & kDirect) {
+    mj.out = ((u.job & 1) ? out_a : out_b) + int64_t(u.job / 2) * R * R;
+    mj.ld = R;
+  } else {
+    mj.out = partials + job.partial_offset + int64_t(u.split) * job.cols * job.cols;
   }
+  const int width = job.mma & 0xff;
+  const int layout = (job.mma >> 8) & 0xff;
+  if (static_cast<ElemType>(job.type) == ElemType::kBFloat16)
+    mma_gram::gram_any<kWide, true>(layout, width, mj, mma_smem);
+  else
+    mma_gram::gram_any<kWide, false>(layout, width, mj, mma_smem);
+}
+
+// Block b merges job merge_jobs[b]: out[adapter][i][j] = sum over its splits, for i, j < r
+// (the rest of the output is zero-initialised by the host when some r < R).
+__global__ void __launch_bounds__(kThreads) gram_merge_kernel(const DeviceGramJob* jobs, const int32_t* merge_jobs,
+                                                              const double* partials, int64_t R, double* out_b,
+                                                              double* out_a) {
+  const int32_t j = merge_jobs[blockIdx.x];
+  const DeviceGramJob job = jobs[j];
+  const int64_t r = job.cols;
+  double* out = ((j & 1) ? out_a : out_b) + int64_t(j / 2) * R * R;
+  for (int64_t e = threadIdx.x; e < r * r; e += kThreads) {
+    const int64_t i = e / r;
+    const double* p = partials + job.partial_offset + e;
+    double v = 0.0;
+    for (int s = 0; s < job.splits; ++s) v += p[int64_t(s) * r * r];
+    out[i * R + (e - i * r)] = v;
+  }
+}
+
+// Per-device facts read once: SM count and whether the tensor-core path can run (sm_80+).
+struct DeviceFacts {
+  int sms;
+  bool mma;
+};
+
+DeviceFacts device_facts(int device) {
+  static std::array<std::atomic<int>, 64> cache{};  // sms | mma << 16, 0 = unknown
+  const bool cached = device >= 0 && device < static_cast<int>(cache.size());
+  int word = cached ? cache[device].load(std::memory_order_relaxed) : 0;
+  if (word == 0) {
+    int sms = 0, major = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    if (major >= 8) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(gram_mma_kernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          mma_gram::kSmemBytes));
+      C10_CUDA_CHECK(cudaFuncSetAttribute(gram_mma_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          mma_gram::kSmemBytes));
+    }
+    word = std::max(sms, 1) | (major >= 8 ? 1 << 16 : 0);
+    if (cached) cache[device].store(word, std::memory_order_relaxed);
+  }
+  return DeviceFacts{word & 0xffff, (word >> 16) != 0};
+}
+
+// The tensor-core path code of a job (DeviceGramJob::mma), or 0 when it must take CUDA cores.
+int32_t mma_path(const GramJob& g) {
+  if (g.type != ElemType::kFloat16 && g.type != ElemType::kBFloat16) return 0;
+  if (g.cols < 1 || g.cols > 128 || g.rows == 0 || reinterpret_cast<uintptr_t>(g.data) % 16 != 0) return 0;
+  int32_t layout;
+  if (g.row_stride == 1 && g.col_stride % 8 == 0)
+    layout = mma_gram::kColumns;
+  else if (g.col_stride == 1 && g.row_stride % 8 == 0)
+    layout = mma_gram::kRows;
+  else
+    return 0;
+  const int32_t width = g.cols <= 16 ? 16 : (g.cols <= 32 ? 32 : (g.cols <= 64 ? 64 : 128));
+  return width | layout << 8;
 }
 
 std::tuple<at::Tensor, at::Tensor> lora_gram_cuda(at::TensorList Bs, at::TensorList As) {
@@ -195,61 +270,107 @@ std::tuple<at::Tensor, at::Tensor> lora_gram_cuda(at::TensorList Bs, at::TensorL
     return {at::empty({0, 0, 0}, cpu), at::empty({0, 0, 0}, cpu)};
   }
   const c10::cuda::CUDAGuard guard(Bs[0].device());
-  const at::TensorOptions dev = at::TensorOptions().device(Bs[0].device());
-  at::Tensor gb = at::empty({n, R, R}, dev.dtype(at::kDouble));
-  at::Tensor ga = at::empty({n, R, R}, dev.dtype(at::kDouble));
-  if (R == 0) return {gb, ga};
-
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, Bs[0].device().index()));
+  const at::TensorOptions dev = at::TensorOptions().device(Bs[0].device()).dtype(at::kDouble);
+  const DeviceFacts facts = device_facts(Bs[0].device().index());
   const int64_t num_jobs = static_cast<int64_t>(plan.jobs.size());
+  GG_CHECK(num_jobs < (int64_t(1) << 31), "lora_gram: too many adapters (", n, ")");
+  std::vector<int32_t> path(num_jobs);
   int64_t base_units = 0;
-  for (const GramJob& j : plan.jobs) {
-    const int64_t tiles = (j.cols + kTile - 1) / kTile;
-    base_units += j.rows > 0 ? tiles * (tiles + 1) / 2 : 0;
+  bool padded = false;  // some output entry is not written by a kernel: zero-initialise
+  for (int64_t j = 0; j < num_jobs; ++j) {
+    const GramJob& g = plan.jobs[j];
+    path[j] = facts.mma ? mma_path(g) : 0;
+    const int64_t tiles = (g.cols + kTile - 1) / kTile;
+    base_units += g.rows == 0 ? 0 : (path[j] ? 1 : tiles * (tiles + 1) / 2);
+    padded = padded || g.rows == 0 || g.cols < R;
   }
+  at::Tensor gb = padded ? at::zeros({n, R, R}, dev) : at::empty({n, R, R}, dev);
+  at::Tensor ga = padded ? at::zeros({n, R, R}, dev) : at::empty({n, R, R}, dev);
+  if (R == 0) return {gb, ga};
   // Split rows until there are enough blocks to fill the GPU a few times over.
-  const int64_t want_splits = std::max<int64_t>(1, (int64_t(8) * sms + base_units - 1) / std::max<int64_t>(base_units, 1));
+  const int64_t want_splits =
+      std::max<int64_t>(1, (int64_t(8) * facts.sms + base_units - 1) / std::max<int64_t>(base_units, 1));
 
   std::vector<DeviceGramJob> jobs(num_jobs);
-  std::vector<DeviceGramUnit> units;
+  std::vector<DeviceGramUnit> units, mma_units, wide_units;
+  std::vector<int32_t> merge_jobs;
   int64_t partial_total = 0;
   for (int64_t j = 0; j < num_jobs; ++j) {
     const GramJob& g = plan.jobs[j];
-    const int64_t splits = g.rows == 0 ? 0
-        : std::min<int64_t>(want_splits, (g.rows + kMinSplitRows - 1) / kMinSplitRows);
-    const int64_t per_split = splits == 0 ? 0 : (g.rows + splits - 1) / splits;
+    // A split is a whole number of staged chunks: kMinSplitRows rows (CUDA cores), or one chunk
+    // of 8192 / W rows (tensor cores) and at least 32·r rows, so that a split's fp64 partial
+    // (8·r² bytes, written and read back) stays small next to its 2·r·rows bytes of input.
+    int64_t grain = kMinSplitRows;
+    if (path[j]) {
+      const int64_t chunk = mma_gram::kChunkElems / (path[j] & 0xff);
+      grain = (32 * g.cols + chunk - 1) / chunk * chunk;
+    }
+    const int64_t grains = (g.rows + grain - 1) / grain;
+    const int64_t want = std::min<int64_t>(want_splits, grains);
+    const int64_t per_split = want == 0 ? 0 : (grains + want - 1) / want * grain;
+    const int64_t splits = per_split == 0 ? 0 : (g.rows + per_split - 1) / per_split;
     GG_CHECK(splits < (int64_t(1) << 31), "lora_gram: too many row splits");
+    const bool direct = path[j] && splits == 1;
     jobs[j] = DeviceGramJob{g.data, g.rows, g.row_stride, g.col_stride, partial_total, static_cast<int32_t>(g.cols),
-                            static_cast<int32_t>(g.type), static_cast<int32_t>(splits), 0, per_split};
-    partial_total += splits * g.cols * g.cols;
-    const int32_t tiles = static_cast<int32_t>((g.cols + kTile - 1) / kTile);
+                            static_cast<int32_t>(g.type), static_cast<int32_t>(splits),
+                            path[j] | (direct ? kDirect : 0), per_split};
+    if (splits > 0 && !direct) {
+      partial_total += splits * g.cols * g.cols;
+      merge_jobs.push_back(static_cast<int32_t>(j));
+    }
+    const int32_t tiles = path[j] ? 1 : static_cast<int32_t>((g.cols + kTile - 1) / kTile);
+    std::vector<DeviceGramUnit>& into = path[j] ? ((path[j] & 0xff) == 128 ? wide_units : mma_units) : units;
     for (int32_t s = 0; s < splits; ++s)
       for (int32_t ti = 0; ti < tiles; ++ti)
-        for (int32_t tj = ti; tj < tiles; ++tj) units.push_back(DeviceGramUnit{static_cast<int32_t>(j), s, ti, tj});
+        for (int32_t tj = ti; tj < tiles; ++tj) into.push_back(DeviceGramUnit{static_cast<int32_t>(j), s, ti, tj});
   }
-  GG_CHECK(units.size() < (size_t(1) << 31), "lora_gram: too many work units (", units.size(), ")");
+  const size_t total_units = units.size() + mma_units.size() + wide_units.size();
+  GG_CHECK(total_units < (size_t(1) << 31), "lora_gram: too many work units (", total_units, ")");
+  mma_units.insert(mma_units.end(), wide_units.begin(), wide_units.end());  // narrow first, then wide
+  const int64_t narrow = static_cast<int64_t>(mma_units.size() - wide_units.size());
 
+  // One upload: jobs, CUDA-core units, tensor-core units, merge list (int32 pairs per word).
   const int64_t job_words = num_jobs * 8;
-  const int64_t words = job_words + static_cast<int64_t>(units.size()) * 2;
-  const at::Tensor meta = upload_words(words, dev, [&](int64_t* host) {
+  const int64_t unit_words = 2 * static_cast<int64_t>(units.size());
+  const int64_t mma_words = 2 * static_cast<int64_t>(mma_units.size());
+  const int64_t merge_words = (static_cast<int64_t>(merge_jobs.size()) + 1) / 2;
+  const at::Tensor meta = upload_words(job_words + unit_words + mma_words + merge_words, dev, [&](int64_t* host) {
     std::memcpy(host, jobs.data(), job_words * sizeof(int64_t));
     if (!units.empty()) std::memcpy(host + job_words, units.data(), units.size() * sizeof(DeviceGramUnit));
+    if (!mma_units.empty())
+      std::memcpy(host + job_words + unit_words, mma_units.data(), mma_units.size() * sizeof(DeviceGramUnit));
+    if (!merge_jobs.empty())
+      std::memcpy(host + job_words + unit_words + mma_words, merge_jobs.data(), merge_jobs.size() * sizeof(int32_t));
   });
-  const auto* dev_jobs = reinterpret_cast<const DeviceGramJob*>(meta.data_ptr<int64_t>());
-  const auto* dev_units = reinterpret_cast<const DeviceGramUnit*>(meta.data_ptr<int64_t>() + job_words);
+  const int64_t* words_dev = meta.data_ptr<int64_t>();
+  const auto* dev_jobs = reinterpret_cast<const DeviceGramJob*>(words_dev);
+  const auto* dev_units = reinterpret_cast<const DeviceGramUnit*>(words_dev + job_words);
+  const auto* dev_mma_units = reinterpret_cast<const DeviceGramUnit*>(words_dev + job_words + unit_words);
+  const auto* dev_merge = reinterpret_cast<const int32_t*>(words_dev + job_words + unit_words + mma_words);
 
-  at::Tensor partials = at::empty({std::max<int64_t>(partial_total, 1)}, dev.dtype(at::kDouble));
+  at::Tensor partials = at::empty({std::max<int64_t>(partial_total, 1)}, dev);
+  double* const part = partials.data_ptr<double>();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (!units.empty()) {
-    gram_units_kernel<<<static_cast<unsigned>(units.size()), kThreads, 0, stream>>>(dev_jobs, dev_units,
-                                                                                   partials.data_ptr<double>());
+  if (narrow > 0) {
+    gram_mma_kernel<false><<<static_cast<unsigned>(narrow), mma_gram::kThreads, mma_gram::kSmemBytes, stream>>>(
+        dev_jobs, dev_mma_units, part, R, gb.data_ptr<double>(), ga.data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  GG_CHECK(n < (int64_t(1) << 31), "lora_gram: too many adapters (", n, ")");
-  gram_merge_kernel<<<dim3(static_cast<unsigned>(n), 2), kThreads, 0, stream>>>(
-      dev_jobs, partials.data_ptr<double>(), R, gb.data_ptr<double>(), ga.data_ptr<double>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (!wide_units.empty()) {
+    gram_mma_kernel<true><<<static_cast<unsigned>(wide_units.size()), mma_gram::kThreads, mma_gram::kSmemBytes,
+                            stream>>>(dev_jobs, dev_mma_units + narrow, part, R, gb.data_ptr<double>(),
+                                      ga.data_ptr<double>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  if (!units.empty()) {
+    gram_units_kernel<<<static_cast<unsigned>(units.size()), kThreads, 0, stream>>>(dev_jobs, dev_units, part);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  if (!merge_jobs.empty()) {
+    gram_merge_kernel<<<static_cast<unsigned>(merge_jobs.size()), kThreads, 0, stream>>>(
+        dev_jobs, dev_merge, part, R, gb.data_ptr<double>(), ga.data_ptr<double>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
   return {gb, ga};
 }
 
