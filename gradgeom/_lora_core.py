@@ -11,7 +11,7 @@ of B and Aᵀ in float64, then the SVD of R_B·R_Aᵀ.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -28,6 +28,11 @@ CHOL_TOL_FP32 = 1e-6
 CHOL_TOL_FP64 = 1e-14
 # Numerical rank on the exact (float64 QR) route: σ > RANK_TOL·σ_max.
 RANK_TOL = 1e-10
+
+# Per-adapter quantities known on the host: one Python value when every adapter shares it (no
+# device tensor, no upload), else a device tensor ``[n]``.
+Rank = Union[int, torch.Tensor]
+Flags = Union[bool, torch.Tensor]
 
 
 def eigh(x: torch.Tensor, vectors: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -57,9 +62,21 @@ def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.T
     return t.to(device)
 
 
-def structural_rank(shapes: list[tuple[int, int, int]], device: torch.device) -> torch.Tensor:
-    """min(d, k, r) per adapter, int64 ``[n]``: ΔW can have no more nonzero singular values."""
-    return to_device([min(d, k, r) for d, k, r in shapes], torch.int64, device)
+def uniform_or_device(values: list, dtype: torch.dtype, device: torch.device) -> Union[int, float, bool, torch.Tensor]:
+    """``values[0]`` as a Python scalar when every entry equals it (no upload), else the list
+    as a device tensor (:func:`to_device`). Callers treat both alike (broadcasting)."""
+    if values and values.count(values[0]) == len(values):
+        return values[0]
+    return to_device(values, dtype, device)
+
+
+# torch.where(flags, COND_TOL_FP64, COND_TOL_FP32) rounds both to float32 (the default dtype);
+# the scalar (uniform batch) path uses the same rounded values, so it flags identically.
+_COND_TOL = {flag: torch.tensor(tol, dtype=torch.float32).item() for flag, tol in ((True, COND_TOL_FP64), (False, COND_TOL_FP32))}
+
+
+def _cond_tol(fp64: Flags) -> Union[float, torch.Tensor]:
+    return _COND_TOL[fp64] if isinstance(fp64, bool) else torch.where(fp64, COND_TOL_FP64, COND_TOL_FP32)
 
 
 def error_bound(gb: torch.Tensor, ga: torch.Tensor) -> torch.Tensor:
@@ -67,11 +84,16 @@ def error_bound(gb: torch.Tensor, ga: torch.Tensor) -> torch.Tensor:
     return torch.linalg.matrix_norm(gb) * torch.linalg.matrix_norm(ga)
 
 
+def fro_sq(gb: torch.Tensor, ga: torch.Tensor) -> torch.Tensor:
+    """‖B·A‖_F² = Σ G_B∘G_A per adapter, float64 ``[n]``."""
+    return (gb * ga).sum((-2, -1)).clamp_min(0)
+
+
 def _sym(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * (x + x.mT)
 
 
-def psd_factor(gb: torch.Tensor, fp64: torch.Tensor, kinds: tuple[bool, bool]) -> torch.Tensor:
+def psd_factor(gb: torch.Tensor, fp64: Flags, kinds: tuple[bool, bool]) -> torch.Tensor:
     """F with F·Fᵀ = G_B, cut at each Gram's own noise floor. ``kinds`` = (any fp64-accumulated,
     any fp32-accumulated) adapter, known on the host; a mixed batch is factored both ways."""
     any64, any32 = kinds
@@ -83,37 +105,55 @@ def psd_factor(gb: torch.Tensor, fp64: torch.Tensor, kinds: tuple[bool, bool]) -
     return torch.where(fp64[:, None, None], lora_ops.psd_cholesky(gb, tol=CHOL_TOL_FP64), low)
 
 
+def _beyond_rank(x: torch.Tensor, srank: Rank, value: Union[float, bool]) -> torch.Tensor:
+    """``x [n, R]`` with the entries at and beyond each structural rank set to ``value``."""
+    R = x.shape[-1]
+    if isinstance(srank, int):  # in place: x is a fresh result
+        if srank < R:
+            x[:, srank:] = value
+        return x
+    idx = torch.arange(R, device=x.device)
+    return torch.where(idx < srank.unsqueeze(-1), x, torch.full((), value, dtype=x.dtype, device=x.device))
+
+
+def _ill(mu: torch.Tensor, gb: torch.Tensor, ga: torch.Tensor, srank: Rank, fp64: Flags) -> torch.Tensor:
+    """bool ``[n]``: the smallest structural eigenvalue of M (``mu`` descending) is below the
+    Gram route's resolution (see :data:`COND_TOL_FP32`)."""
+    if isinstance(srank, int):
+        if srank == 0:
+            return torch.zeros(mu.shape[0], dtype=torch.bool, device=mu.device)
+        mu_min = mu[:, srank - 1]
+    else:
+        mu_min = mu.gather(-1, (srank - 1).clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    ill = (mu[:, 0] > 0) & (mu_min < _cond_tol(fp64) * error_bound(gb, ga))
+    return ill if isinstance(srank, int) else ill & (srank > 0)
+
+
 def gram_spectrum(
-    gb: torch.Tensor, ga: torch.Tensor, srank: torch.Tensor, fp64: torch.Tensor, kinds: tuple[bool, bool]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gb: torch.Tensor, ga: torch.Tensor, srank: Rank, fp64: Flags, kinds: tuple[bool, bool], flag_ill: bool = True
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Eigenvalues σ²/s² of every ΔW from its Gram matrices.
 
     Args:
         gb, ga: float64 ``[n, R, R]`` Gram matrices (zero-padded).
-        srank: int64 ``[n]`` structural ranks min(d, k, r).
-        fp64: bool ``[n]``, True where both factors are float64 (Grams accumulated in fp64).
+        srank: int64 ``[n]`` structural ranks min(d, k, r), or one Python int for all adapters.
+        fp64: bool ``[n]``, True where both factors are float64 (Grams accumulated in fp64), or
+            one Python bool for all adapters.
         kinds: (any fp64 entry, any non-fp64 entry) of ``fp64``, known on the host.
+        flag_ill: also compute the ill-conditioning flags (else ``None`` is returned for them).
 
     Returns:
-        ``(mu, fro_sq, ill)``: float64 ``[n, R]`` descending, entries at and beyond ``srank`` set to
-        exactly 0; float64 ``[n]`` ‖BA‖_F² = Σ G_B∘G_A; bool ``[n]`` adapters the Gram route cannot
-        resolve (see :data:`COND_TOL_FP32`). Nothing is read back to the host.
+        ``(mu, ill)``: float64 ``[n, R]`` descending, entries at and beyond ``srank`` set to
+        exactly 0; bool ``[n]`` adapters the Gram route cannot resolve (see
+        :data:`COND_TOL_FP32`). Nothing is read back to the host.
     """
     n, R = gb.shape[0], gb.shape[-1]
-    fro_sq = (gb * ga).sum((-2, -1)).clamp_min(0)
     if R == 0:
-        empty = gb.new_zeros((n, 0))
-        return empty, fro_sq, torch.zeros(n, dtype=torch.bool, device=gb.device)
+        return gb.new_zeros((n, 0)), (torch.zeros(n, dtype=torch.bool, device=gb.device) if flag_ill else None)
     L = psd_factor(gb, fp64, kinds)
     mu, _ = eigh(_sym(L.mT @ ga @ L), vectors=False)
-    mu = mu.clamp_min(0).flip(-1)
-    idx = torch.arange(R, device=gb.device)
-    mu = torch.where(idx < srank.unsqueeze(-1), mu, torch.zeros((), dtype=mu.dtype, device=mu.device))
-    bound = error_bound(gb, ga)
-    mu_min = mu.gather(-1, (srank - 1).clamp_min(0).unsqueeze(-1)).squeeze(-1)
-    tol = torch.where(fp64, COND_TOL_FP64, COND_TOL_FP32)
-    ill = (srank > 0) & (mu[:, 0] > 0) & (mu_min < tol * bound)
-    return mu, fro_sq, ill
+    mu = _beyond_rank(mu.clamp_min(0).flip(-1), srank, 0.0)
+    return mu, (_ill(mu, gb, ga, srank, fp64) if flag_ill else None)
 
 
 def qr_svdvals(B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
@@ -150,38 +190,42 @@ def fro_sq_autograd(B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
 
 
 def gram_bases(
-    gb: torch.Tensor, ga: torch.Tensor, srank: torch.Tensor, fp64: torch.Tensor, R_full: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gb: torch.Tensor, ga: torch.Tensor, srank: Rank, fp64: Flags, R_full: Optional[Rank]
+) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Orthonormal bases of the column spaces of ΔW, as coefficients on B: U = B·T.
 
     With M = W·diag(μ)·Wᵀ (descending), U = B·V·Λ^-½·W restricted to the nonzero μ.
 
     Args:
         gb, ga, srank, fp64: as in :func:`gram_spectrum`.
-        R_full: int64 ``[n]`` the rank r of each adapter.
+        R_full: int64 ``[n]`` (or one Python int) the rank r of each adapter; ``None``: do not
+            compute the ill-conditioning flags.
 
     Returns:
         ``(T, rank, ill)``: float64 ``[n, R, R]`` (columns beyond ``rank`` are zero), int64 ``[n]``
         numerical rank of ΔW, bool ``[n]`` adapters that need the exact route (ill-conditioned, or
-        r > min(d, k)).
+        r > min(d, k)); ``ill`` is ``None`` when ``R_full`` is.
     """
     n, R = gb.shape[0], gb.shape[-1]
     if R == 0:
         z = torch.zeros(n, dtype=torch.int64, device=gb.device)
-        return gb.new_zeros((n, 0, 0)), z, z.bool()
+        return gb.new_zeros((n, 0, 0)), z, (None if R_full is None else z.bool())
     lam_b, V = eigh(gb)
     lam_b = lam_b.clamp_min(0)
     F = V * lam_b.sqrt().unsqueeze(-2)
     mu, W = eigh(_sym(F.mT @ ga @ F))
     mu, W = mu.clamp_min(0).flip(-1), W.flip(-1)
-    idx = torch.arange(R, device=gb.device)
-    keep = (idx < srank.unsqueeze(-1)) & (mu > 0)
-    inv = torch.where(lam_b > 0, lam_b.clamp_min(1e-300).rsqrt(), torch.zeros_like(lam_b))
+    keep = _beyond_rank(mu > 0, srank, False)
+    inv = torch.where(lam_b > 0, lam_b.clamp_min(1e-300).rsqrt(), 0.0)
     T = (V * inv.unsqueeze(-2)) @ (W * keep.unsqueeze(-2))
-    bound = error_bound(gb, ga)
-    mu_min = mu.gather(-1, (srank - 1).clamp_min(0).unsqueeze(-1)).squeeze(-1)
-    tol = torch.where(fp64, COND_TOL_FP64, COND_TOL_FP32)
-    ill = ((srank > 0) & (mu[:, 0] > 0) & (mu_min < tol * bound)) | ((srank < R_full) & (mu[:, 0] > 0))
+    if R_full is None:
+        return T, keep.sum(-1), None
+    ill = _ill(mu, gb, ga, srank, fp64)
+    wide = srank < R_full  # r > min(d, k): the Gram route's basis is not unique
+    if isinstance(wide, torch.Tensor):
+        ill = ill | (wide & (mu[:, 0] > 0))
+    elif wide:
+        ill = ill | (mu[:, 0] > 0)
     return T, keep.sum(-1), ill
 
 

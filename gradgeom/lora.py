@@ -25,6 +25,7 @@ padded with exact zeros.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import asdict, dataclass
 from typing import Any, Optional, Sequence, Union
 
@@ -49,6 +50,14 @@ __all__ = [
 Pair = tuple[torch.Tensor, torch.Tensor]
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _METHODS = ("auto", "gram", "qr")
+_shape = operator.attrgetter("shape")
+_dtype = operator.attrgetter("dtype")
+_device = operator.attrgetter("device")
+_requires_grad = operator.attrgetter("requires_grad")
+_first = operator.itemgetter(0)
+_B = operator.attrgetter("B")
+_A = operator.attrgetter("A")
+_second = operator.itemgetter(1)
 
 
 def scaling(alpha: float, r: int, *, rslora: bool = False) -> float:
@@ -68,7 +77,7 @@ class _Batch:
     As: list[torch.Tensor]                 # 2-D factors [r, k]
     lead: Optional[tuple[int, ...]]        # leading shape of batched input, None for a list
     stacked: Optional[Pair]                # [N, d, r], [N, r, k] views of batched input
-    scal: torch.Tensor                     # float64 [n] on the device
+    scal: Union[float, torch.Tensor]       # one float for all, or float64 [n] on the device
     device: torch.device
     op: str
 
@@ -110,12 +119,16 @@ def _normalize(op: str, B: Any, A: Any, scal: Any) -> _Batch:
         if isinstance(B, torch.Tensor) or not isinstance(B, (list, tuple)):
             raise TypeError(f"{op}: pass B and A tensors, or a list of (B, A) pairs; got {type(B).__name__} and no A")
         # Fast path: the native op checks every factor; _validate_pairs explains a failure.
-        try:
-            Bs = [p[0] for p in B]
-            As = [p[1] for p in B]
-            ok = all(len(p) == 2 for p in B) and all(isinstance(t, torch.Tensor) for t in Bs)
-        except (TypeError, IndexError, KeyError):
-            ok = False
+        if B and all(issubclass(t, (tuple, list)) for t in set(map(type, B))) and set(map(len, B)) == {2}:
+            Bs, As = map(list, zip(*B))  # tuples and lists: unpacking is indexing
+            ok = all(issubclass(t, torch.Tensor) for t in set(map(type, Bs)))
+        else:
+            try:
+                Bs = [p[0] for p in B]
+                As = [p[1] for p in B]
+                ok = all(len(p) == 2 for p in B) and all(isinstance(t, torch.Tensor) for t in Bs)
+            except (TypeError, IndexError, KeyError):
+                ok = False
         if not ok:
             _validate_pairs(op, B)
         device = Bs[0].device if Bs else torch.device("cpu")
@@ -131,16 +144,27 @@ def _normalize(op: str, B: Any, A: Any, scal: Any) -> _Batch:
         Bs, As = list(Bx.unbind(0)), list(Ax.unbind(0))
         stacked, device, n = (Bx, Ax), B.device, Bx.shape[0]
     if isinstance(scal, (int, float)) and not isinstance(scal, bool):
-        s = torch.full((), float(scal), dtype=torch.float64, device=device)
-    elif isinstance(scal, torch.Tensor):
+        return _Batch(Bs, As, lead, stacked, float(scal), device, op)  # a host scalar: no device tensor
+    if isinstance(scal, torch.Tensor):
         s = scal.detach().to(device=device, dtype=torch.float64)
     else:
-        s = core.to_device(list(scal), torch.float64, device)
+        values = list(scal)
+        if (values and len(values) == n and lead is None and set(map(type, values)) <= {float, int}
+                and values.count(values[0]) == n):
+            return _Batch(Bs, As, lead, stacked, float(values[0]), device, op)  # one value for all
+        s = core.to_device(values, torch.float64, device)
     try:
         s = s.expand(lead if lead is not None else (n,)).reshape(-1) if s.dim() else s.expand(n)
     except RuntimeError as exc:
         raise ValueError(f"{op}: scaling of shape {tuple(s.shape)} does not match {lead if lead is not None else (n,)}") from exc
     return _Batch(Bs, As, lead, stacked, s.contiguous(), device, op)
+
+
+def _scale(x: torch.Tensor, s: Union[float, torch.Tensor]) -> torch.Tensor:
+    """x ``[n, ...]`` times the per-adapter scaling ``s`` (a float, or ``[n]``)."""
+    if isinstance(s, float):
+        return x if s == 1.0 else x * s
+    return x * s.reshape(s.shape + (1,) * (x.dim() - 1))
 
 
 def _gram(batch: _Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,32 +186,67 @@ def _check_method(op: str, method: str) -> None:
 def _needs_grad(batch: _Batch) -> bool:
     if not torch.is_grad_enabled():
         return False
-    if any(t.requires_grad for t in batch.Bs) or any(t.requires_grad for t in batch.As):
+    if any(map(_requires_grad, batch.Bs)) or any(map(_requires_grad, batch.As)):
         if batch.lead is None:
             _validate_pairs(batch.op, list(zip(batch.Bs, batch.As)))
         return True
     return False
 
 
-def _shape_info(
-    Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor], device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, list[int], tuple[bool, bool]]:
-    shapes = [(b.shape[0], a.shape[1], b.shape[1]) for b, a in zip(Bs, As)]
-    srank = core.structural_rank(shapes, device)
-    flags = [b.dtype == torch.float64 and a.dtype == torch.float64 for b, a in zip(Bs, As)]
-    fp64 = core.to_device(flags, torch.bool, device)
-    return srank, fp64, [s[2] for s in shapes], (any(flags), not all(flags))
+@dataclass
+class _Shapes:
+    """What the r×r stage needs to know about each adapter, known on the host. Per-adapter values
+    are one Python value when every adapter shares it, else a device tensor ``[n]``; all the device
+    tensors of one call come from a single upload."""
+
+    srank: core.Rank               # structural rank min(d, k, r)
+    fp64: core.Flags               # both factors float64 (Grams accumulated in fp64)
+    ranks: list[int]               # r per adapter (host)
+    kinds: tuple[bool, bool]       # (any fp64 adapter, any non-fp64 adapter)
+    rank: Optional[core.Rank]      # r per adapter, when asked for (else None)
+
+
+def _shape_info(Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor], device: torch.device, with_rank: bool = False) -> _Shapes:
+    if not Bs:
+        return _Shapes(0, False, [], (False, True), 0 if with_rank else None)
+    bshapes, ashapes = list(map(_shape, Bs)), list(map(_shape, As))
+    ranks = list(map(_second, bshapes))
+    if min(min(map(_first, bshapes)), min(map(_second, ashapes))) >= max(ranks):
+        sranks = ranks  # r <= min(d, k) everywhere (the usual case)
+    else:
+        sranks = [min(b[0], a[1], b[1]) for b, a in zip(bshapes, ashapes)]
+    bd, ad = set(map(_dtype, Bs)), set(map(_dtype, As))
+    if torch.float64 not in bd or torch.float64 not in ad:
+        flags: Union[bool, list[bool]] = False
+    elif len(bd) == 1 and len(ad) == 1:
+        flags = True
+    else:
+        flags = [b.dtype == torch.float64 and a.dtype == torch.float64 for b, a in zip(Bs, As)]
+        flags = flags[0] if flags.count(flags[0]) == len(flags) else flags
+    kinds = (flags is not False, flags is not True)  # a list here is mixed
+    # Ragged values: one int64 upload for all of them.
+    rows = {"srank": sranks, "fp64": flags, "rank": ranks if with_rank else None}
+    ragged = {k: v for k, v in rows.items() if isinstance(v, list) and v.count(v[0]) != len(v)}
+    up = dict(zip(ragged, core.to_device(list(ragged.values()), torch.int64, device).unbind(0))) if ragged else {}
+
+    def pick(key):
+        v = rows[key]
+        if key in up:
+            return up[key].bool() if key == "fp64" else up[key]
+        return v[0] if isinstance(v, list) else v
+
+    return _Shapes(pick("srank"), pick("fp64"), ranks, kinds, pick("rank") if with_rank else None)
 
 
 @torch.no_grad()
 def _unscaled_svdvals(
     batch: _Batch, method: str, grams: Optional[tuple[torch.Tensor, torch.Tensor]] = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """σ(B·A) ``[n, R]`` descending zero-padded, ‖B·A‖_F² ``[n]``, and the route flag ``[n]``
-    (True where the exact route was used); float64 on the device, no autograd."""
+) -> tuple[torch.Tensor, list[int], _Shapes]:
+    """σ(B·A) ``[n, R]`` descending zero-padded (float64 on the device, no autograd), the
+    adapters that took the exact route (host list), and the shape information."""
     gb, ga = _gram(batch) if grams is None else grams
-    srank, fp64, ranks, kinds = _shape_info(batch.Bs, batch.As, batch.device)
-    mu, fro_sq, ill = core.gram_spectrum(gb, ga, srank, fp64, kinds)
+    info = _shape_info(batch.Bs, batch.As, batch.device)
+    mu, ill = core.gram_spectrum(gb, ga, info.srank, info.fp64, info.kinds, flag_ill=method == "auto")
     sv = mu.sqrt()
     if method == "qr":
         redo = list(range(len(batch.Bs)))
@@ -195,15 +254,12 @@ def _unscaled_svdvals(
         redo = ill.nonzero().flatten().tolist()  # the one host read of "auto"
     else:
         redo = []
-    exact = torch.zeros_like(ill)
     for i in redo:
         if core.finite(batch.Bs[i], batch.As[i]):
-            sv[i, : ranks[i]] = core.qr_svdvals(batch.Bs[i], batch.As[i])
+            sv[i, : info.ranks[i]] = core.qr_svdvals(batch.Bs[i], batch.As[i])
         else:
-            sv[i, : ranks[i]] = float("nan")
-    if redo:
-        exact[redo] = True
-    return sv, fro_sq, exact
+            sv[i, : info.ranks[i]] = float("nan")
+    return sv, redo, info
 
 
 def _reshape_out(batch: _Batch, x: torch.Tensor) -> torch.Tensor:
@@ -243,7 +299,7 @@ def delta_norm(
         raise ValueError(f"delta_norm: ord must be 'fro', 2 or 'nuc', got {ord!r}")
     _check_method("delta_norm", method)
     batch = _normalize("delta_norm", B, A, scaling)
-    s = batch.scal.abs()
+    s = abs(batch.scal)
     if not batch.Bs:
         return _reshape_out(batch, torch.zeros(0, dtype=torch.float64, device=batch.device))
     if _needs_grad(batch):
@@ -263,17 +319,16 @@ def delta_norm(
                     sv = core.qr_svdvals(b, a)
                     vals.append(sv.new_zeros(()) if sv.numel() == 0 else (sv[0] if ord == 2 else sv.sum()))
             out = torch.stack(vals)
-        return _reshape_out(batch, out * s)
+        return _reshape_out(batch, _scale(out, s))
     if ord == "fro":
-        gb, ga = _gram(batch)
-        out = (gb * ga).sum((-2, -1)).clamp_min(0).sqrt()
+        out = core.fro_sq(*_gram(batch)).sqrt()
     else:
         sv, _, _ = _unscaled_svdvals(batch, method)
         if sv.shape[-1] == 0:
             out = sv.new_zeros(sv.shape[0])
         else:
             out = sv[:, 0] if ord == 2 else sv.sum(-1)
-    return _reshape_out(batch, out * s)
+    return _reshape_out(batch, _scale(out, s))
 
 
 def delta_svdvals(
@@ -294,23 +349,27 @@ def delta_svdvals(
     """
     _check_method("delta_svdvals", method)
     batch = _normalize("delta_svdvals", B, A, scaling)
-    s = batch.scal.abs()
+    s = abs(batch.scal)
     if _needs_grad(batch):
         if batch.stacked is not None:
-            out = core.qr_svdvals(*batch.stacked) * s.unsqueeze(-1)
-            return _reshape_out(batch, out)
+            return _reshape_out(batch, _scale(core.qr_svdvals(*batch.stacked), s))
+        if isinstance(s, float):
+            return [_scale(core.qr_svdvals(b, a), s) for b, a in zip(batch.Bs, batch.As)]
         return [core.qr_svdvals(b, a) * s[i] for i, (b, a) in enumerate(zip(batch.Bs, batch.As))]
     if batch.stacked is not None:
         r = batch.stacked[0].shape[-1]
         if not batch.Bs:
             return torch.zeros(batch.lead + (r,), dtype=torch.float64, device=batch.device)
         sv, _, _ = _unscaled_svdvals(batch, method)
-        return _reshape_out(batch, sv[:, :r] * s.unsqueeze(-1))
+        return _reshape_out(batch, _scale(sv[:, :r], s))
     if not batch.Bs:
         return []
-    sv, _, _ = _unscaled_svdvals(batch, method)
-    sv = sv * s.unsqueeze(-1)
-    return [sv[i, : b.shape[1]] for i, b in enumerate(batch.Bs)]
+    sv, _, info = _unscaled_svdvals(batch, method)
+    rows = _scale(sv, s).unbind(0)
+    R = sv.shape[-1]
+    if info.ranks.count(R) == len(rows):  # uniform r: the rows as they are
+        return list(rows)
+    return [row if r == R else row[:r] for row, r in zip(rows, info.ranks)]
 
 
 # --- per-adapter reports ------------------------------------------------------------------------
@@ -383,6 +442,11 @@ def _checked_gram(op: str, found: Sequence[FoundAdapter]) -> tuple[torch.Tensor,
 
 
 def _by_device(found: Sequence[FoundAdapter]) -> dict[torch.device, list[int]]:
+    Bs, As = list(map(_B, found)), list(map(_A, found))
+    if all(issubclass(t, torch.Tensor) for t in set(map(type, Bs)) | set(map(type, As))):
+        devices = set(map(_device, Bs))
+        if len(devices) == 1 and set(map(_device, As)) == devices:  # the usual case: one device
+            return {devices.pop(): list(range(len(found)))}
     groups: dict[torch.device, list[int]] = {}
     for i, f in enumerate(found):
         if not isinstance(f.B, torch.Tensor) or not isinstance(f.A, torch.Tensor):
@@ -393,24 +457,25 @@ def _by_device(found: Sequence[FoundAdapter]) -> dict[torch.device, list[int]]:
     return groups
 
 
-def _base_norms(found: Sequence[FoundAdapter], idx: list[int], device: torch.device) -> list[Optional[float]]:
+def _base_norms(found: Sequence[FoundAdapter], device: torch.device) -> tuple[Optional[torch.Tensor], list[Optional[int]]]:
+    """‖W‖_F of the distinct base weights on ``device`` (float64 ``[m]`` on the device, not read
+    back), and for each adapter the slot of its weight (None when unknown)."""
     from gradgeom import ops
 
-    weights, ids, slot = [], [], {}
-    for i in idx:
-        w = found[i].base_weight
+    weights, slots, slot = [], [], {}
+    for f in found:
+        w = f.base_weight
         if w is None or w.device != device:
+            slots.append(None)
             continue
         if id(w) not in slot:
             slot[id(w)] = len(weights)
             weights.append(w.detach())
-        ids.append(i)
+        slots.append(slot[id(w)])
     if not weights:
-        return [None] * len(idx)
+        return None, slots
     m = ops.group_moments(weights, list(range(len(weights))), len(weights))
-    norms = m[:, 2].sqrt().cpu().tolist()
-    by_index = {i: norms[slot[id(found[i].base_weight)]] for i in ids}
-    return [by_index.get(i) for i in idx]
+    return m[:, 2].sqrt(), slots
 
 
 def _stats(sv: torch.Tensor, fro: float) -> tuple[float, float, float, float]:
@@ -428,6 +493,34 @@ def _stats(sv: torch.Tensor, fro: float) -> tuple[float, float, float, float]:
     else:
         erank = 0.0
     return spectral, nuclear, stable, erank
+
+
+def _stats_by_rank(sv: torch.Tensor, fro: list[float], ranks: list[int]) -> list[tuple[float, float, float, float]]:
+    """:func:`_stats` of every row ``sv[j, :ranks[j]]`` (host float64), batched per rank: the
+    row-wise reductions give the same bits as :func:`_stats` on each row. Rows with a zero or
+    non-finite value (rare but for ΔW = 0) go through :func:`_stats` itself."""
+    out: list = [None] * len(ranks)
+    groups: dict[int, list[int]] = {}
+    for j, r in enumerate(ranks):
+        groups.setdefault(r, []).append(j)
+    for r, idx in groups.items():
+        if r == 0:
+            for j in idx:
+                out[j] = _stats(sv[j, :0], fro[j])
+            continue
+        v = sv[:, :r] if len(idx) == len(ranks) else sv[idx, :r]
+        sq = v * v
+        total = sq.sum(1)
+        p = sq / total.unsqueeze(1)
+        # case 1: every p > 0 (and finite); case 2: ΔW = 0 (total 0, so every value is 0).
+        case = ((p > 0).all(1) & torch.isfinite(v).all(1)).double() + 2.0 * (total == 0)
+        for j, (spectral, nuclear, neg_ent, c) in zip(idx, torch.stack([v[:, 0], v.sum(1), -(p * p.log()).sum(1), case], 1).tolist()):
+            if c == 0 or not math.isfinite(fro[j]):
+                out[j] = _stats(sv[j, :r], fro[j])
+            else:  # what _stats computes, read off the batch
+                stable = fro[j] * fro[j] / (spectral * spectral) if spectral > 0 else 0.0
+                out[j] = (spectral, nuclear, stable, math.exp(neg_ent) if c == 1 else 0.0)
+    return out
 
 
 def geometry(
@@ -454,23 +547,31 @@ def geometry(
     for device, idx in _by_device(found).items():
         sub = [found[i] for i in idx]
         grams = _checked_gram("geometry", sub)
-        batch = _Batch([f.B for f in sub], [f.A for f in sub], None, None, torch.empty(0), device, "geometry")
-        sv, fro_sq, exact = _unscaled_svdvals(batch, method, grams)
-        s = core.to_device([abs(found[i].scaling) for i in idx], torch.float64, device)
-        sv = (sv * s.unsqueeze(-1)).cpu()
-        fro = (fro_sq.sqrt() * s).cpu().tolist()
-        exact = exact.cpu().tolist()
-        wn = _base_norms(found, idx, device)
-        for j, i in enumerate(idx):
-            f = found[i]
-            r = f.B.shape[1]
-            v = sv[j, :r].clone()
-            spectral, nuclear, stable, erank = _stats(v, fro[j])
-            rel = None if wn[j] is None else (fro[j] / wn[j] if wn[j] > 0 else (0.0 if fro[j] == 0 else math.inf))
+        batch = _Batch([f.B for f in sub], [f.A for f in sub], None, None, 1.0, device, "geometry")
+        sv, redo, info = _unscaled_svdvals(batch, method, grams)
+        n, R = sv.shape
+        with torch.no_grad():
+            s = core.uniform_or_device([abs(f.scaling) for f in sub], torch.float64, device)
+            parts = [_scale(sv, s).flatten(), _scale(core.fro_sq(*grams).sqrt(), s)]
+            wnorm, slots = _base_norms(sub, device)
+            if wnorm is not None:
+                parts.append(wnorm)
+            host = torch.cat(parts).cpu()  # the one read back
+        svh = host[: n * R].view(n, R)
+        tail = host[n * R :].tolist()
+        fro, wn = tail[:n], tail[n:]
+        stats = _stats_by_rank(svh, fro, info.ranks)
+        rows = svh.unbind(0)
+        redo = set(redo)
+        for j, f in enumerate(sub):
+            r = info.ranks[j]
+            spectral, nuclear, stable, erank = stats[j]
+            w = None if slots[j] is None else wn[slots[j]]
+            rel = None if w is None else (fro[j] / w if w > 0 else (0.0 if fro[j] == 0 else math.inf))
             out[f.name] = AdapterGeometry(
-                fro=fro[j], spectral=spectral, nuclear=nuclear, svdvals=v, stable_rank=stable, effective_rank=erank,
-                rank=r, scaling=f.scaling, relative=rel, shape=(f.B.shape[0], f.A.shape[1]),
-                route="qr" if exact[j] else "gram", module=f.module, adapter=f.adapter,
+                fro=fro[j], spectral=spectral, nuclear=nuclear, svdvals=(rows[j] if r == R else rows[j][:r]).clone(), stable_rank=stable,
+                effective_rank=erank, rank=r, scaling=f.scaling, relative=rel, shape=(f.B.shape[0], f.A.shape[1]),
+                route="qr" if j in redo else "gram", module=f.module, adapter=f.adapter,
             )
     return {f.name: out[f.name] for f in found if f.name in out}
 
@@ -505,6 +606,11 @@ def snapshot(model_or_pairs: Union[nn.Module, dict, Sequence], *, adapter_name: 
 
 def _cross_grams(B1: list[torch.Tensor], B2: list[torch.Tensor], R: int, device: torch.device) -> torch.Tensor:
     """float64 ``[n, R, R]`` with B1ᵢᵀ·B2ᵢ in the top-left corner; one bmm per shape group."""
+    shapes = set(map(_shape, B1 + B2))
+    if len(shapes) == 1 and next(iter(shapes))[1] == R:  # one shape: one stack, one bmm
+        S = torch.stack(B1 + B2).to(torch.float64)
+        n = len(B1)
+        return S[:n].mT @ S[n:]
     out = torch.zeros((len(B1), R, R), dtype=torch.float64, device=device)
     groups: dict[tuple, list[int]] = {}
     for i, (x, y) in enumerate(zip(B1, B2)):
@@ -514,6 +620,16 @@ def _cross_grams(B1: list[torch.Tensor], B2: list[torch.Tensor], R: int, device:
         Y = torch.stack([B2[i] for i in idx]).to(torch.float64)
         out[idx, : sx[1], : sy[1]] = X.mT @ Y
     return out
+
+
+def _rows(t: torch.Tensor) -> int:
+    return t.shape[0]
+
+
+def _same_tensor_attrs(xs: list, ys: list, attr: Any) -> bool:
+    """True when xs and ys are all tensors and attr(x) == attr(y) pairwise (False: look closer)."""
+    types = set(map(type, xs)) | set(map(type, ys))
+    return all(issubclass(t, torch.Tensor) for t in types) and list(map(attr, xs)) == list(map(attr, ys))
 
 
 def principal_angles(
@@ -545,14 +661,14 @@ def principal_angles(
     missing = [f.name for f in f1 if f.name not in f2]
     if missing:
         raise ValueError(f"principal_angles: {len(missing)} adapters of `first` are missing in `second`, e.g. {missing[:3]}")
-    pairs = []
-    for f in f1:
-        g = f2[f.name]
-        if f.B.shape[0] != g.B.shape[0]:
-            raise ValueError(f"principal_angles: {f.name}: column spaces live in different dimensions d = {f.B.shape[0]} and {g.B.shape[0]}")
-        if f.B.device != g.B.device:
-            raise ValueError(f"principal_angles: {f.name}: the two updates are on {f.B.device} and {g.B.device}")
-        pairs.append((f, g))
+    pairs = [(f, f2[f.name]) for f in f1]
+    B1, B2 = [f.B for f in f1], [g.B for _, g in pairs]
+    if not (_same_tensor_attrs(B1, B2, _device) and _same_tensor_attrs(B1, B2, _rows)):
+        for f, g in pairs:  # find the first offending pair
+            if f.B.shape[0] != g.B.shape[0]:
+                raise ValueError(f"principal_angles: {f.name}: column spaces live in different dimensions d = {f.B.shape[0]} and {g.B.shape[0]}")
+            if f.B.device != g.B.device:
+                raise ValueError(f"principal_angles: {f.name}: the two updates are on {f.B.device} and {g.B.device}")
     out: dict[str, PrincipalAngles] = {}
     for device, idx in _by_device([p[0] for p in pairs]).items():
         sel = [pairs[i] for i in idx]
@@ -561,29 +677,35 @@ def principal_angles(
         Bs, As = [f.B for f in both], [f.A for f in both]
         gb, ga = _checked_gram("principal_angles", both)
         with torch.no_grad():
-            srank, fp64, ranks, _ = _shape_info(Bs, As, device)
+            info = _shape_info(Bs, As, device, with_rank=method == "auto")
             R = gb.shape[-1]
-            T, rank, ill = core.gram_bases(gb, ga, srank, fp64, core.to_device(ranks, torch.int64, device))
-            bad = ~(torch.isfinite(gb).flatten(1).all(1) & torch.isfinite(ga).flatten(1).all(1))
+            T, rank, ill = core.gram_bases(gb, ga, info.srank, info.fp64, info.rank)
+            # 0 where every Gram entry is finite, NaN where one is not (x·0 is NaN only for Inf/NaN).
+            nonfinite = (gb * 0 + ga * 0).sum((-2, -1))
             X = _cross_grams(Bs[:n], Bs[n:], R, device)
             cos = core.cosines(T[:n].mT @ X @ T[n:])
+            K = cos.shape[-1]
             m = torch.minimum(rank[:n], rank[n:])
-            live = torch.arange(cos.shape[-1], device=device) < m.unsqueeze(-1)
-            theta = torch.where(live, torch.arccos(cos), torch.zeros_like(cos))  # ascending
-            dist = theta.square().sum(-1).sqrt()
-            theta, dist, rank, ill, m = theta.cpu(), dist.cpu().tolist(), rank.cpu().tolist(), ill.cpu().tolist(), m.tolist()
-            bad = bad.cpu().tolist()
-            for j, (f, g) in enumerate(sel):
-                if bad[j] or bad[n + j]:  # non-finite factors: NaN angles, never silently 0
-                    r1, r2 = ranks[j], ranks[n + j]
-                    th = torch.full((min(r1, r2),), math.nan, dtype=torch.float64)
-                    out[f.name] = PrincipalAngles(th, math.nan, r1, r2, "gram")
-                elif method == "qr" or (method == "auto" and (ill[j] or ill[n + j])):
-                    U1, U2 = core.qr_basis(f.B, f.A), core.qr_basis(g.B, g.A)
-                    k = min(U1.shape[1], U2.shape[1])
-                    c = torch.linalg.svdvals(U1.mT @ U2)[:k].clamp(0.0, 1.0).cpu() if k else torch.zeros(0, dtype=torch.float64)
-                    th = torch.arccos(c)  # cosines descending: angles ascending
-                    out[f.name] = PrincipalAngles(th, float(th.square().sum().sqrt()), U1.shape[1], U2.shape[1], "qr")
-                else:
-                    out[f.name] = PrincipalAngles(theta[j, : m[j]], dist[j], rank[j], rank[n + j], "gram")
+            live = torch.arange(K, device=device) < m.unsqueeze(-1)
+            theta = torch.where(live, torch.arccos(cos), 0.0)  # ascending
+            cols = [theta.square().sum(-1).sqrt(), rank[:n], rank[n:], nonfinite[:n] + nonfinite[n:]]
+            if ill is not None:
+                cols.append(ill[:n] | ill[n:])
+            host = torch.cat([theta, torch.stack(cols, 1)], 1).cpu()  # the one read back
+        thetas = host[:, :K].unbind(0)
+        for j, ((f, g), row) in enumerate(zip(sel, host[:, K:].tolist())):
+            dist, r1, r2, bad = row[0], int(row[1]), int(row[2]), row[3] != 0
+            if bad:  # non-finite factors: NaN angles, never silently 0
+                r1, r2 = info.ranks[j], info.ranks[n + j]
+                th = torch.full((min(r1, r2),), math.nan, dtype=torch.float64)
+                out[f.name] = PrincipalAngles(th, math.nan, r1, r2, "gram")
+            elif method == "qr" or (method == "auto" and row[4]):
+                U1, U2 = core.qr_basis(f.B, f.A), core.qr_basis(g.B, g.A)
+                k = min(U1.shape[1], U2.shape[1])
+                c = torch.linalg.svdvals(U1.mT @ U2)[:k].clamp(0.0, 1.0).cpu() if k else torch.zeros(0, dtype=torch.float64)
+                th = torch.arccos(c)  # cosines descending: angles ascending
+                out[f.name] = PrincipalAngles(th, float(th.square().sum().sqrt()), U1.shape[1], U2.shape[1], "qr")
+            else:
+                k = min(r1, r2)
+                out[f.name] = PrincipalAngles(thetas[j] if k == K else thetas[j][:k], dist, r1, r2, "gram")
     return {f.name: out[f.name] for f, _ in pairs}

@@ -343,3 +343,100 @@ def test_non_finite_factors_propagate(device, bad):
     assert math.isfinite(g["ok"].effective_rank)
     pa = lora.principal_angles({"x": (Bb, A), "y": (B, A)}, {"x": (B, A), "y": (B, A)})
     assert math.isnan(pa["x"].distance) and pa["y"].distance < 5e-3
+
+
+# --- host fast paths: a batch whose adapters share shape, dtype and scaling takes Python scalars
+# instead of per-adapter device tensors; it must give the same bits as the general (ragged) path.
+
+def _uniform_pairs(device, n=6, d=40, k=30, r=8, dtype=torch.float32):
+    torch.manual_seed(5)
+    return [(rand((d, r), dtype, device), rand((r, k), dtype, device, 0.3)) for _ in range(n)]
+
+
+@pytest.mark.parametrize("extra", ["smaller_r", "float64", "wide", "larger_d"])
+@pytest.mark.parametrize("d", [40, 5])  # 5: every adapter has r > d (one structural rank, below R)
+def test_uniform_batch_matches_ragged_batch_bitwise(device, extra, d):
+    """The same adapters, alone (uniform fast path) and with one odd adapter appended (per-adapter
+    ranks / dtype flags on the device, cross Grams per shape group): identical results for the
+    shared adapters."""
+    pairs = _uniform_pairs(device, d=d)
+    odd = {"smaller_r": (rand((40, 4), torch.float32, device), rand((4, 30), torch.float32, device)),
+           "float64": (rand((40, 8), torch.float64, device), rand((8, 30), torch.float64, device)),
+           "wide": (rand((45 - d, 8), torch.float32, device), rand((8, 30), torch.float32, device)),
+           "larger_d": (rand((64, 8), torch.float32, device), rand((8, 30), torch.float32, device))}[extra]
+    if d < 8 and extra == "larger_d":
+        odd = (rand((7, 8), torch.float32, device), odd[1])  # still wide, another structural rank
+    ragged = pairs + [odd]
+    n = len(pairs)
+    for method in ("gram", "auto"):
+        for a, b in zip(lora.delta_svdvals(pairs, method=method), lora.delta_svdvals(ragged, method=method)[:n]):
+            assert torch.equal(a, b), (method, a, b)
+        for ord in (2, "nuc"):
+            assert torch.equal(lora.delta_norm(pairs, ord=ord, method=method),
+                               lora.delta_norm(ragged, ord=ord, method=method)[:n])
+        g1 = lora.geometry({str(i): p for i, p in enumerate(pairs)}, method=method)
+        g2 = lora.geometry({str(i): p for i, p in enumerate(ragged)}, method=method)
+        for name, g in g1.items():
+            a, b = g.as_dict(), g2[name].as_dict()
+            assert a == b, (name, a, b)
+        second = [(B + 0.1 * torch.randn_like(B), A) for B, A in ragged]
+        p1 = lora.principal_angles(pairs, second[:n], method=method)
+        p2 = lora.principal_angles(ragged, second, method=method)
+        for name, pa in p1.items():
+            pb = p2[name]
+            assert torch.equal(pa.angles, pb.angles) and (pa.distance, pa.rank_1, pa.rank_2, pa.route) == (
+                pb.distance, pb.rank_1, pb.rank_2, pb.route), name
+    assert torch.equal(lora.delta_norm(pairs), lora.delta_norm(ragged)[:n])
+
+
+def test_wide_uniform_batch_pads_with_exact_zeros(device):
+    """Every adapter with r > min(d, k) (one structural rank for all, below R): zeros beyond it."""
+    pairs = _uniform_pairs(device, d=5, k=30, r=8)
+    for method in ("gram", "auto", "qr"):
+        for (B, A), sv in zip(pairs, lora.delta_svdvals(pairs, method=method)):
+            assert torch.all(sv[5:] == 0)
+            assert_sv_close(sv, dense_svdvals(B, A), torch.float32)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_scaling_float_list_and_tensor_agree(device, grad):
+    pairs = _uniform_pairs(device, n=4)
+    if grad:
+        pairs = [(B.double().requires_grad_(), A.double()) for B, A in pairs]
+    n = len(pairs)
+    same = [-0.5, [-0.5] * n, [-0.5, -0.5, -0.5, -0.5], torch.full((n,), -0.5), torch.tensor(-0.5)]
+    varying = [[0.5, 1, -2.0, 3.0], (0.5, 1.0, -2.0, 3.0), torch.tensor([0.5, 1.0, -2.0, 3.0], dtype=torch.float64)]
+    for group in (same, varying):
+        svs = [lora.delta_svdvals(pairs, scaling=s) for s in group]
+        norms = [lora.delta_norm(pairs, scaling=s, ord=o) for s in group for o in ("fro", 2)]
+        for sv in svs[1:]:
+            assert all(torch.equal(a.detach(), b.detach()) for a, b in zip(svs[0], sv))
+        for i in range(2, len(norms)):
+            assert torch.equal(norms[i].detach(), norms[i % 2].detach())
+    ref = lora.delta_svdvals(pairs)
+    for i, s in enumerate(varying[0]):
+        assert torch.allclose(svs[0][i].detach(), abs(s) * ref[i].detach(), rtol=1e-14, atol=0)
+    B = torch.stack([p[0] for p in pairs])
+    A = torch.stack([p[1] for p in pairs])
+    assert torch.equal(lora.delta_norm(B, A, scaling=-0.5).detach(), lora.delta_norm(B, A, scaling=torch.tensor(-0.5)).detach())
+    with pytest.raises(ValueError, match=r"scaling of shape \(3,\) does not match \(4,\)"):
+        lora.delta_norm(pairs, scaling=[1.0, 1.0, 1.0])
+
+
+def test_geometry_batched_stats_match_per_adapter_stats():
+    """geometry reads its derived numbers off one batch; they equal lora._stats row by row."""
+    from gradgeom.lora import _stats, _stats_by_rank
+
+    torch.manual_seed(7)
+    sv = torch.rand(12, 8, dtype=torch.float64).sort(-1, descending=True).values * 3
+    sv[1] = 0.0                                  # ΔW = 0
+    sv[2, 5:] = 0.0                              # rank deficient
+    sv[3, 2] = float("nan")                      # non-finite factor
+    sv[4, 6:] = 0.0
+    ranks = [8, 8, 8, 8, 6, 8, 3, 3, 0, 8, 1, 8]
+    fro = [float(sv[j, :r].square().sum().sqrt()) for j, r in enumerate(ranks)]
+    fro[5] = float("inf")
+    got = _stats_by_rank(sv, fro, ranks)
+    for j, r in enumerate(ranks):
+        ref = _stats(sv[j, :r].clone(), fro[j])
+        assert all((a == b) or (math.isnan(a) and math.isnan(b)) for a, b in zip(got[j], ref)), (j, got[j], ref)
