@@ -178,7 +178,7 @@ __global__ void __launch_bounds__(kThreads) gram_units_kernel(const DeviceGramJo
 constexpr int32_t kDirect = 1 << 16;
 
 template <bool kWide>
-__global__ void __launch_bounds__(mma_gram::kThreads, kWide ? 1 : 2) gram_mma_kernel(const DeviceGramJob* jobs,
+__global__ void __launch_bounds__(mma_gram::Ring<kWide>::kThreads, kWide ? 1 : 2) gram_mma_kernel(const DeviceGramJob* jobs,
                                                                                     const DeviceGramUnit* units,
                                                                                     double* partials, int64_t R,
                                                                                     double* out_b, double* out_a) {
@@ -236,9 +236,9 @@ DeviceFacts device_facts(int device) {
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
     if (major >= 8) {
       C10_CUDA_CHECK(cudaFuncSetAttribute(gram_mma_kernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          mma_gram::kSmemBytes));
+                                          mma_gram::Ring<false>::kSmemBytes));
       C10_CUDA_CHECK(cudaFuncSetAttribute(gram_mma_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          mma_gram::kSmemBytes));
+                                          mma_gram::Ring<true>::kSmemBytes));
     }
     word = std::max(sms, 1) | (major >= 8 ? 1 << 16 : 0);
     if (cached) cache[device].store(word, std::memory_order_relaxed);
@@ -352,13 +352,14 @@ std::tuple<at::Tensor, at::Tensor> lora_gram_cuda(at::TensorList Bs, at::TensorL
   double* const part = partials.data_ptr<double>();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (narrow > 0) {
-    gram_mma_kernel<false><<<static_cast<unsigned>(narrow), mma_gram::kThreads, mma_gram::kSmemBytes, stream>>>(
+    gram_mma_kernel<false><<<static_cast<unsigned>(narrow), mma_gram::Ring<false>::kThreads, mma_gram::Ring<false>::kSmemBytes,
+                             stream>>>(
         dev_jobs, dev_mma_units, part, R, gb.data_ptr<double>(), ga.data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   if (!wide_units.empty()) {
-    gram_mma_kernel<true><<<static_cast<unsigned>(wide_units.size()), mma_gram::kThreads, mma_gram::kSmemBytes,
-                            stream>>>(dev_jobs, dev_mma_units + narrow, part, R, gb.data_ptr<double>(),
+    gram_mma_kernel<true><<<static_cast<unsigned>(wide_units.size()), mma_gram::Ring<true>::kThreads,
+                            mma_gram::Ring<true>::kSmemBytes, stream>>>(dev_jobs, dev_mma_units + narrow, part, R, gb.data_ptr<double>(),
                                       ga.data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }

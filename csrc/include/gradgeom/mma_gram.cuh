@@ -2,8 +2,8 @@
 // X [m, r] with r <= 128, read in place through one of its two dense layouts:
 //   kColumns: each column of X is contiguous (X = Aᵀ for a row-major A [r, k]);
 //   kRows:    each row of X is contiguous (X = B, a row-major B [d, r]).
-// A block of 8 warps streams chunks of X into shared memory with cp.async (3 stages, 16-byte
-// copies, zero-filled past the end of the split and past column r) and multiplies them with
+// A block of 8 warps streams chunks of X into shared memory with cp.async (a ring of stages:
+// 4 for W <= 64 at two blocks per SM, 8 for W = 128 at one block per SM; 16-byte copies, zero-filled past the end of the split and past column r) and multiplies them with
 // mma.sync m16n8k16 (bf16/fp16 in, fp32 accumulate: the products are exact, as in the CUDA-core
 // kernel). The r columns are padded to W in {16, 32, 64, 128}. The 8 warps form a grid over
 // the W x W result (each warp a (16·MT) x (8·NT) tile) and, where the grid has fewer than 8
@@ -19,17 +19,22 @@
 namespace gradgeom {
 namespace mma_gram {
 
-constexpr int kWarps = 8;
-constexpr int kThreads = 32 * kWarps;
-constexpr int kStages = 3;
 constexpr int kChunkElems = 8192;  // W * rows per chunk: 16 KB of 16-bit data
 constexpr int kPad = 8;            // halfwords of padding per smem row: ldmatrix without conflicts
 
 enum Layout : int { kColumns = 0, kRows = 1 };
 
-// Shared memory of one stage, in halfwords, for either layout and any W (max over both).
-constexpr int kStageHalfs = kChunkElems + (kChunkElems / 16) * kPad;  // kRows at W = 16
-constexpr int kSmemBytes = kStages * kStageHalfs * 2;
+// Block shape: warps, stages in the ring, and shared memory per block: stages x the largest
+// stage of the widths the kernel serves (kRows at W = 16 for the narrow kernel, kColumns at
+// W = 128 for the wide one).
+template <bool kWide>
+struct Ring {
+  static constexpr int kWarps = kWide ? 16 : 8;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kStages = kWide ? 8 : 4;
+  static constexpr int kStageHalfs = kWide ? 128 * (kChunkElems / 128 + kPad) : kChunkElems + (kChunkElems / 16) * kPad;
+  static constexpr int kSmemBytes = kStages * kStageHalfs * 2;
+};
 
 struct Job {
   const uint16_t* data;
@@ -85,12 +90,14 @@ template <int kLayout, int W>
 struct Stage {
   static constexpr int kRowsPerChunk = kChunkElems / W;
   static constexpr int kPitch = kLayout == kColumns ? kRowsPerChunk + kPad : W + kPad;
+  static constexpr int kHalfs = kLayout == kColumns ? W * kPitch : kRowsPerChunk * kPitch;
 
   // Byte offset of element (row, col) of the chunk inside the stage.
   static __device__ __forceinline__ uint32_t offset(int row, int col) {
     return 2u * static_cast<uint32_t>(kLayout == kColumns ? col * kPitch + row : row * kPitch + col);
   }
 
+  template <int kThreads>
   static __device__ __forceinline__ void load(const Job& job, int64_t row0, uint32_t stage) {
     constexpr int kVecs = kChunkElems / 8;
     for (int v = threadIdx.x; v < kVecs; v += kThreads) {
@@ -131,23 +138,44 @@ struct Stage {
   }
 };
 
+// The 10 warp tiles on or above the diagonal of a 4 x 4 grid (the wide kernel's triangle),
+// listed so that warps 0..9 fall 3, 3, 2, 2 on the SM's four schedulers (warp % 4).
+__device__ __forceinline__ void triangle_tile(int warp, int& mi, int& ni) {
+  constexpr int kM[10] = {0, 1, 2, 3, 0, 1, 2, 0, 1, 0};
+  constexpr int kN[10] = {0, 1, 2, 3, 1, 2, 3, 2, 3, 3};
+  mi = kM[warp];
+  ni = kN[warp];
+}
+
 // The Gram of one split of X, summed over the block's warps, written as fp64 to job.out.
-// A warp tile is MT m16 tiles by NT n8 tiles; smem holds kSmemBytes.
+// A warp tile is MT m16 tiles by NT n8 tiles. The wide kernel (W = 128) computes only the 10
+// tiles on or above the diagonal and mirrors them (the Gram is symmetric); its other 6 warps
+// only stage data. smem holds Ring<W == 128>::kSmemBytes.
 template <int kLayout, int W, int MT, int NT, bool kBf16>
 __device__ void gram_tile(const Job& job, unsigned char* smem) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using S = Stage<kLayout, W>;
+  constexpr bool kTriangle = W == 128;
+  constexpr int kWarps = Ring<kTriangle>::kWarps;
+  constexpr int kThreads = Ring<kTriangle>::kThreads;
+  constexpr int kStages = Ring<kTriangle>::kStages;
+  constexpr int kStageHalfs = Ring<kTriangle>::kStageHalfs;
   constexpr int kGridM = W / (16 * MT);
   constexpr int kGridN = W / (8 * NT);
-  constexpr int kSlices = kWarps / (kGridM * kGridN);
+  constexpr int kSlices = kTriangle ? 1 : kWarps / (kGridM * kGridN);
   constexpr int kStepsPerChunk = S::kRowsPerChunk / 16;
-  static_assert(kSlices >= 1 && kSlices * kGridM * kGridN == kWarps, "the warps tile the result exactly");
+  static_assert(kTriangle ? (kGridM == 4 && kGridN == 4)
+                          : (kSlices >= 1 && kSlices * kGridM * kGridN == kWarps), "the warps tile the result exactly");
   static_assert(kStepsPerChunk % kSlices == 0, "every warp gets the same number of k16 steps");
   static_assert(NT % 2 == 0, "B fragments come in pairs of n8 tiles");
+  static_assert(S::kHalfs <= kStageHalfs, "a chunk fits its stage");
   const int warp = threadIdx.x >> 5;
-  const int m_base = (warp % kGridM) * 16 * MT;
-  const int n_base = ((warp / kGridM) % kGridN) * 8 * NT;
-  const int slice = warp / (kGridM * kGridN);
+  int mi = warp % kGridM, ni = (warp / kGridM) % kGridN;
+  const bool computes = !kTriangle || warp < 10;
+  if (kTriangle && computes) triangle_tile(warp, mi, ni);
+  const int m_base = mi * 16 * MT;
+  const int n_base = ni * 8 * NT;
+  const int slice = kTriangle ? 0 : warp / (kGridM * kGridN);
   const uint32_t base = smem_addr(smem);
   auto stage_addr = [&](int s) { return base + static_cast<uint32_t>(s * kStageHalfs * 2); };
 
@@ -160,15 +188,17 @@ __device__ void gram_tile(const Job& job, unsigned char* smem) {
   const int64_t chunks = (job.row_end - job.row_begin + S::kRowsPerChunk - 1) / S::kRowsPerChunk;
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < chunks) S::load(job, job.row_begin + int64_t(s) * S::kRowsPerChunk, stage_addr(s));
+    if (s < chunks) S::template load<kThreads>(job, job.row_begin + int64_t(s) * S::kRowsPerChunk, stage_addr(s));
     cp_async_commit();
   }
   for (int64_t c = 0; c < chunks; ++c) {
     cp_async_wait<kStages - 2>();
     __syncthreads();
     const int64_t next = c + kStages - 1;
-    if (next < chunks) S::load(job, job.row_begin + next * S::kRowsPerChunk, stage_addr(static_cast<int>(next % kStages)));
+    if (next < chunks)
+      S::template load<kThreads>(job, job.row_begin + next * S::kRowsPerChunk, stage_addr(static_cast<int>(next % kStages)));
     cp_async_commit();
+    if (!computes) continue;
     const uint32_t st = stage_addr(static_cast<int>(c % kStages));
     float part[MT][NT][4];
 #pragma unroll
@@ -216,10 +246,12 @@ __device__ void gram_tile(const Job& job, unsigned char* smem) {
       for (int e = 0; e < 4; ++e) {
         const int i = m_base + 16 * mt + (lane >> 2) + (e >> 1) * 8;
         const int j = n_base + 8 * nt + 2 * (lane & 3) + (e & 1);
-        if (kSlices > 1)
+        if (kSlices > 1) {
           red[(slice * W + i) * W + j] = acc[mt][nt][e];
-        else if (i < r && j < r)
+        } else if (computes && i < r && j < r) {
           job.out[int64_t(i) * job.ld + j] = static_cast<double>(acc[mt][nt][e]);
+          if (kTriangle && mi != ni) job.out[int64_t(j) * job.ld + i] = static_cast<double>(acc[mt][nt][e]);
+        }
       }
   if (kSlices == 1) return;
   __syncthreads();
@@ -236,14 +268,14 @@ __device__ void gram_tile(const Job& job, unsigned char* smem) {
 #endif
 }
 
-// kWide: the W = 128 tiles (their accumulators allow one block per SM); else W <= 64.
+// kWide: the W = 128 tiles (one block of 16 warps per SM); else W <= 64 (two blocks of 8).
 template <bool kWide, bool kBf16>
 __device__ void gram_any(int layout, int width, const Job& job, unsigned char* smem) {
   if (kWide) {
     if (layout == kColumns)
-      gram_tile<kColumns, 128, 2, 8, kBf16>(job, smem);
+      gram_tile<kColumns, 128, 2, 4, kBf16>(job, smem);
     else
-      gram_tile<kRows, 128, 2, 8, kBf16>(job, smem);
+      gram_tile<kRows, 128, 2, 4, kBf16>(job, smem);
   } else if (layout == kColumns) {
     switch (width) {
       case 16: gram_tile<kColumns, 16, 1, 2, kBf16>(job, smem); break;
