@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import asdict, dataclass
+from itertools import repeat
 from typing import Any, Optional, Sequence, Union
 
 import torch
@@ -56,6 +57,7 @@ _device = operator.attrgetter("device")
 _requires_grad = operator.attrgetter("requires_grad")
 _first = operator.itemgetter(0)
 _B = operator.attrgetter("B")
+_name = operator.attrgetter("name")
 _A = operator.attrgetter("A")
 _second = operator.itemgetter(1)
 
@@ -422,6 +424,12 @@ def _as_found(obj: Any, adapter_name: Optional[str], op: str) -> list[FoundAdapt
         items = [(str(i), p) for i, p in enumerate(obj)]
     else:
         raise TypeError(f"{op}: expected an nn.Module, a dict of name -> (B, A[, scaling]) or a list of pairs, got {type(obj).__name__}")
+    values = list(map(_second, items))
+    if values and set(map(type, values)) <= {tuple, list} and set(map(len, values)) == {2}:  # (B, A) pairs
+        names = [k if type(k) is str else str(k) for k, _ in items]
+        n = len(values)
+        return list(map(FoundAdapter, names, repeat("", n), repeat("", n), map(_first, values), map(_second, values),
+                        repeat(1.0, n), repeat(None, n)))
     out = []
     for name, p in items:
         if not isinstance(p, (list, tuple)) or len(p) not in (2, 3):
@@ -657,12 +665,15 @@ def principal_angles(
     """
     _check_method("principal_angles", method)
     f1 = _as_found(first, adapter_name, "principal_angles")
-    f2 = {f.name: f for f in _as_found(second, adapter_name, "principal_angles")}
-    missing = [f.name for f in f1 if f.name not in f2]
-    if missing:
+    found2 = _as_found(second, adapter_name, "principal_angles")
+    names = list(map(_name, f1))
+    f2 = dict(zip(map(_name, found2), found2))
+    if not f2.keys() >= set(names):
+        missing = [name for name in names if name not in f2]
         raise ValueError(f"principal_angles: {len(missing)} adapters of `first` are missing in `second`, e.g. {missing[:3]}")
-    pairs = [(f, f2[f.name]) for f in f1]
-    B1, B2 = [f.B for f in f1], [g.B for _, g in pairs]
+    g1 = list(map(f2.__getitem__, names))
+    pairs = list(zip(f1, g1))
+    B1, B2 = list(map(_B, f1)), list(map(_B, g1))
     if not (_same_tensor_attrs(B1, B2, _device) and _same_tensor_attrs(B1, B2, _rows)):
         for f, g in pairs:  # find the first offending pair
             if f.B.shape[0] != g.B.shape[0]:
@@ -670,11 +681,12 @@ def principal_angles(
             if f.B.device != g.B.device:
                 raise ValueError(f"principal_angles: {f.name}: the two updates are on {f.B.device} and {g.B.device}")
     out: dict[str, PrincipalAngles] = {}
-    for device, idx in _by_device([p[0] for p in pairs]).items():
-        sel = [pairs[i] for i in idx]
+    groups = _by_device(f1)
+    for device, idx in groups.items():
+        sel = pairs if len(groups) == 1 else [pairs[i] for i in idx]
         n = len(sel)
-        both = [f for f, _ in sel] + [g for _, g in sel]
-        Bs, As = [f.B for f in both], [f.A for f in both]
+        both = (f1 + g1) if len(groups) == 1 else [f for f, _ in sel] + [g for _, g in sel]
+        Bs, As = list(map(_B, both)), list(map(_A, both))
         gb, ga = _checked_gram("principal_angles", both)
         with torch.no_grad():
             info = _shape_info(Bs, As, device, with_rank=method == "auto")
@@ -693,7 +705,16 @@ def principal_angles(
                 cols.append(ill[:n] | ill[n:])
             host = torch.cat([theta, torch.stack(cols, 1)], 1).cpu()  # the one read back
         thetas = host[:, :K].unbind(0)
-        for j, ((f, g), row) in enumerate(zip(sel, host[:, K:].tolist())):
+        rows = host[:, K:].tolist()
+        dist, r1s, r2s, bads = list(zip(*rows))[:4] if rows else ([], [], [], [])
+        if method == "gram" and not any(bads):  # the common case: every pair on the Gram route
+            r1s, r2s = list(map(int, r1s)), list(map(int, r2s))
+            ks = list(map(min, r1s, r2s))
+            if ks.count(K) != n:
+                thetas = [t if k == K else t[:k] for t, k in zip(thetas, ks)]
+            out.update(zip(map(_name, (f for f, _ in sel)), map(PrincipalAngles, thetas, dist, r1s, r2s, repeat("gram", n))))
+            continue
+        for j, ((f, g), row) in enumerate(zip(sel, rows)):
             dist, r1, r2, bad = row[0], int(row[1]), int(row[2]), row[3] != 0
             if bad:  # non-finite factors: NaN angles, never silently 0
                 r1, r2 = info.ranks[j], info.ranks[n + j]
@@ -708,4 +729,6 @@ def principal_angles(
             else:
                 k = min(r1, r2)
                 out[f.name] = PrincipalAngles(thetas[j] if k == K else thetas[j][:k], dist, r1, r2, "gram")
+    if len(groups) == 1:
+        return out
     return {f.name: out[f.name] for f, _ in pairs}
