@@ -2,7 +2,8 @@
 
 ``lora_gram`` computes the r×r Gram matrices of many LoRA factors in one launch;
 ``sym_eigh`` is a batched symmetric eigen-solver (one block per matrix on CUDA: Householder +
-bisection for eigenvalues only, Jacobi with eigenvectors) that stays fast for r up to 256. Float64 twins with the same signatures live in :mod:`gradgeom.reference`.
+bisection for eigenvalues only, Jacobi with eigenvectors) that stays fast for r up to 256.
+Float64 twins with the same signatures live in :mod:`gradgeom.reference`.
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ def psd_cholesky(A: torch.Tensor, *, tol: float = 1e-14) -> torch.Tensor:
         lower-triangular matrix; its nonzero columns are A's numerical rank). Unlike
         ``torch.linalg.cholesky`` it never fails on singular input (a zero matrix gives F = 0),
         and pivoting keeps rounding noise in a rank-deficient Gram matrix from being amplified.
-        One block per matrix on CUDA (shared memory for n ≤ 128).
+        One block per matrix on CUDA (shared memory up to n = 223 on an H100), one barrier per pivot.
     """
     _check_square_batch("psd_cholesky", A)
     return torch.ops.gradgeom.psd_cholesky(A, float(tol))

@@ -1,5 +1,7 @@
 """lora_gram and sym_eigh native ops (CPU and CUDA) against their float64 references."""
 
+import math
+
 import pytest
 import torch
 
@@ -345,6 +347,34 @@ def test_psd_cholesky_semidefinite(device, n):
     # What is left is about tol·max(diag) and the input's own rounding noise.
     tol = 1e-6 if n == 16 else 1e-12
     assert torch.all(err <= tol * scale), err / scale
+
+
+@pytest.mark.parametrize("n", [4, 37, 130])
+def test_psd_cholesky_pivot_order_and_ties(device, n):
+    """Largest remaining diagonal first, ties to the smaller row index (a diagonal A keeps its
+    diagonal through the steps, so F is a scaled permutation that shows the pivot order)."""
+    d = torch.tensor([float(1 + (7 * i) % 5) for i in range(n)], dtype=torch.float64)
+    A = torch.diag(d).expand(2, n, n).contiguous()
+    A[1, n - 1, n - 1] = 0.0  # zero pivot: dropped, its column stays 0
+    F = lora_ops.psd_cholesky(A.to(device)).cpu()
+    order = sorted(range(n), key=lambda i: (-d[i].item(), i))
+    expect = torch.zeros(n, n, dtype=torch.float64)
+    for j, i in enumerate(order):
+        expect[i, j] = math.sqrt(d[i])
+    assert torch.equal(F[0], expect)
+    order1 = [i for i in order if i != n - 1]
+    expect1 = torch.zeros(n, n, dtype=torch.float64)
+    for j, i in enumerate(order1):
+        expect1[i, j] = math.sqrt(d[i])
+    assert torch.equal(F[1], expect1)
+
+
+def test_psd_cholesky_deterministic(device):
+    Y = torch.randn(16, 100, 60, dtype=torch.float64, device=device)
+    A = Y @ Y.mT
+    F = lora_ops.psd_cholesky(A)
+    for _ in range(3):
+        assert torch.equal(lora_ops.psd_cholesky(A), F)
 
 
 @requires_cuda

@@ -93,12 +93,12 @@ at::Tensor psd_cholesky_cpu(const at::Tensor& A, double tol) {
   const double* src = a64.data_ptr<double>();
   double* out = F.data_ptr<double>();
   at::parallel_for(0, batch, 1, [&](int64_t first, int64_t last) {
-    std::vector<double> a(static_cast<size_t>(n) * n), scratch(2 + n);
+    std::vector<double> packed(block::packed_size(n)), work(cholesky::workspace_doubles(n, 1));
+    std::vector<int> iwork(cholesky::workspace_ints(n));
+    const block::PackedLower a{packed.data(), packed.data(), n};
     for (int64_t b = first; b < last; ++b) {
-      const double* s = src + b * n * n;
-      for (int i = 0; i < n; ++i)
-        for (int k = 0; k <= i; ++k) a[i * n + k] = a[k * n + i] = s[i * n + k];  // lower triangle
-      cholesky::factor(a.data(), n, n, tol, out + b * n * n, scratch.data(), 0, 1, [] {});
+      block::load_lower(src + b * n * n, n, a, 0, 1);
+      cholesky::factor(a, n, tol, out + b * n * n, work.data(), iwork.data(), 0, 1, [] {});
     }
   });
   return F;

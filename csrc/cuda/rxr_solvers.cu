@@ -7,7 +7,8 @@
 // - sym_eigh with vectors: the parallel cyclic Jacobi solver of jacobi.h. The matrix and the
 //   eigenvectors live in shared memory when they fit the block's opt-in limit (n <= 64 on an
 //   H100), else in a global workspace that stays L2-resident.
-// - psd_cholesky: psd_cholesky.h (in shared memory for n <= 128).
+// - psd_cholesky: psd_cholesky.h on the packed lower triangle, one barrier per pivot step
+//   (in shared memory up to n = 223 on an H100, 82.5 KiB at n = 128; global above).
 // Avoids cuSOLVER's batched syevj cliff at n > 32.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -155,20 +156,19 @@ std::tuple<at::Tensor, at::Tensor> sym_eigh_cuda(const at::Tensor& A, bool vecto
   return {w, V};
 }
 
-__global__ void psd_cholesky_kernel(const double* in, int n, int ld, double tol, bool use_smem, double* work,
-                                    double* F) {
+// Shared memory: cholesky doubles workspace, the packed matrix (when it fits), the ints workspace.
+__global__ void __launch_bounds__(512, 2)
+    psd_cholesky_kernel(const double* in, int n, double tol, bool use_smem, double* work, double* F) {
   extern __shared__ double smem[];
   const int64_t b = blockIdx.x;
-  double* scratch = smem;  // 2 + n doubles
-  double* a = use_smem ? smem + 2 + n : work + b * int64_t(n) * ld;
-  const double* src = in + b * int64_t(n) * n;
-  for (int e = threadIdx.x; e < n * n; e += blockDim.x) {
-    const int i = e / n;
-    const int k = e - i * n;
-    a[i * ld + k] = i >= k ? src[e] : src[k * n + i];  // lower triangle, mirrored
-  }
+  const int64_t work_doubles = cholesky::workspace_doubles(n, blockDim.x / 32);
+  const int64_t size = block::packed_size(n);
+  double* packed = use_smem ? smem + work_doubles : work + b * size;
+  int* iwork = reinterpret_cast<int*>(smem + work_doubles + (use_smem ? size : 0));
+  const block::PackedLower a{packed, packed, n};
+  block::load_lower(in + b * int64_t(n) * n, n, a, threadIdx.x, blockDim.x);
   __syncthreads();
-  cholesky::factor(a, ld, n, tol, F + b * int64_t(n) * n, scratch, threadIdx.x, blockDim.x, BlockSync{});
+  cholesky::factor(a, n, tol, F + b * int64_t(n) * n, smem, iwork, threadIdx.x, blockDim.x, BlockSync{});
 }
 
 at::Tensor psd_cholesky_cuda(const at::Tensor& A, double tol) {
@@ -180,17 +180,18 @@ at::Tensor psd_cholesky_cuda(const at::Tensor& A, double tol) {
   const int n = static_cast<int>(a64.size(1));
   if (batch == 0 || n == 0) return F;
   GG_CHECK(batch < (int64_t(1) << 31), "psd_cholesky: batch too large (", batch, ")");
-  const int ld = n + 1;
-  const int64_t scratch_bytes = (2 + int64_t(n)) * static_cast<int64_t>(sizeof(double));
-  const int64_t mat_bytes = int64_t(n) * ld * static_cast<int64_t>(sizeof(double));
-  const bool use_smem = scratch_bytes + mat_bytes <= smem_budget(A);
-  const int64_t dyn = scratch_bytes + (use_smem ? mat_bytes : 0);
+  const int threads = block_threads(n);
+  constexpr int64_t kDouble = sizeof(double);
+  const int64_t fixed = cholesky::workspace_doubles(n, threads / 32) * kDouble +
+                        cholesky::workspace_ints(n) * int64_t(sizeof(int));
+  const int64_t mat_bytes = block::packed_size(n) * kDouble;
+  const bool use_smem = fixed + mat_bytes <= smem_budget(A);
+  const int64_t dyn = fixed + (use_smem ? mat_bytes : 0);
   allow_smem(psd_cholesky_kernel, dyn);
   at::Tensor work;
-  if (!use_smem) work = at::empty({batch, n, ld}, a64.options());
-  const int threads = block_threads(n);
+  if (!use_smem) work = at::empty({batch, block::packed_size(n)}, a64.options());
   psd_cholesky_kernel<<<static_cast<unsigned>(batch), threads, static_cast<size_t>(dyn),
-                        c10::cuda::getCurrentCUDAStream()>>>(a64.data_ptr<double>(), n, ld, tol, use_smem,
+                        c10::cuda::getCurrentCUDAStream()>>>(a64.data_ptr<double>(), n, tol, use_smem,
                                                              use_smem ? nullptr : work.data_ptr<double>(),
                                                              F.data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
