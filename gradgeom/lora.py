@@ -11,7 +11,8 @@ Functional API (``from gradgeom import lora``):
 
 All of it costs O((d + k)·r²) per adapter and never allocates a d×k buffer: one native launch
 (:func:`gradgeom.lora_ops.lora_gram`) forms every BᵀB and A·Aᵀ, then a batched float64 r×r stage
-(pivoted PSD Cholesky, then a one-block-per-matrix Jacobi eigen-solver on CUDA or LAPACK on CPU)
+(pivoted PSD Cholesky, then one-block-per-matrix Householder + bisection eigenvalues on CUDA, or
+LAPACK on CPU)
 gives the spectrum. The Gram
 route squares the condition number; ``method="auto"`` detects adapters whose small singular
 values it cannot resolve (≈1 % accuracy bound) and recomputes those exactly (float64 thin QR of B

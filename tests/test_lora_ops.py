@@ -1,5 +1,7 @@
 """lora_gram and sym_eigh native ops (CPU and CUDA) against their float64 references."""
 
+import math
+
 import pytest
 import torch
 
@@ -199,6 +201,20 @@ def check_eigh(A, w, V):
     assert ((V * w.unsqueeze(-2)) @ V.mT - A).abs().max() <= 1e-13 * n * scale.max()
 
 
+def check_eigvals(A, w):
+    """Eigenvalues only (Householder + bisection) against LAPACK on the lower triangle: absolute
+    error <= 1e-13·n·‖A‖_F (not relative: small eigenvalues of a definite A carry that error too)."""
+    a = A.cpu().double()
+    a = torch.tril(a) + torch.tril(a, -1).mT
+    rw = torch.linalg.eigvalsh(a)
+    w = w.cpu()
+    assert w.dtype == torch.float64 and w.shape == rw.shape
+    n = a.shape[-1]
+    scale = a.flatten(1).norm(dim=1)[:, None]
+    assert torch.all((w - rw).abs() <= 1e-13 * n * scale), ((w - rw).abs() / scale.clamp_min(1e-300)).max()
+    assert torch.all(w[:, 1:] >= w[:, :-1])
+
+
 @pytest.mark.parametrize("n", [1, 2, 3, 8, 17, 33, 64])
 @pytest.mark.parametrize("kind", ["indefinite", "psd_lowrank", "repeated", "zero"])
 def test_sym_eigh_matches_lapack(device, n, kind):
@@ -206,15 +222,75 @@ def test_sym_eigh_matches_lapack(device, n, kind):
     w, V = lora_ops.sym_eigh(A)
     check_eigh(A, w, V)
     w2, V2 = lora_ops.sym_eigh(A, vectors=False)
-    assert torch.equal(w2, w) and V2.numel() == 0
+    assert V2.numel() == 0
+    check_eigvals(A, w2)
+    # Jacobi (vectors) and Householder + bisection (values only) agree to the error bound.
+    scale = A.flatten(1).norm(dim=1)[:, None]
+    assert torch.all((w2 - w).abs() <= 2e-13 * n * scale)
+
+
+def eig_batch(n, device):
+    """Awkward spectra: repeated, clustered, graded, diagonal, rank-deficient, scaled far from 1."""
+    g = torch.Generator().manual_seed(n)
+    X = torch.randn(8, n, n, dtype=torch.float64, generator=g)
+    Q, _ = torch.linalg.qr(X)
+    k = torch.arange(n, dtype=torch.float64)
+    spectra = torch.stack([
+        torch.where(k < n // 2, -1.0, 3.0),            # two eigenvalues, each repeated n/2 times
+        1.0 + 1e-10 * k,                                # one tight cluster
+        10.0 ** (-k * 14 / max(n - 1, 1)),              # graded 1 .. 1e-14 (positive definite)
+        torch.where(k < n // 3, 0.0, k + 1),            # PSD, rank n - n/3
+    ])
+    A = torch.empty(8, n, n, dtype=torch.float64)
+    A[:4] = Q[:4] @ torch.diag_embed(spectra) @ Q[:4].mT
+    A[4] = torch.diag(torch.randn(n, dtype=torch.float64, generator=g).round())  # diagonal, ties
+    Y = torch.randn(n, max(1, n // 4), dtype=torch.float64, generator=g)
+    A[5] = Y @ Y.T                                       # Gram of rank n/4
+    A[6] = (X[6] + X[6].T) * 1e-150
+    A[7] = (X[7] + X[7].T) * 1e150
+    return A.to(device)
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 16, 33, 64, 129, 256])
+def test_sym_eigvals_awkward_spectra(device, n):
+    A = eig_batch(n, device)
+    w, V = lora_ops.sym_eigh(A, vectors=False)
+    assert w.shape == (8, n) and V.numel() == 0 and w.device == A.device
+    check_eigvals(A, w)
+    assert torch.equal(lora_ops.sym_eigh(A, vectors=False)[0], w)  # same input, same bits
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 40])
+def test_sym_eigvals_zero_and_non_finite(device, n):
+    X = torch.randn(5, n, n, dtype=torch.float64, device=device)
+    A = X + X.mT
+    A[0] = 0
+    A[1, n - 1, 0] = float("nan")         # lower triangle: read
+    A[2, n // 2, n // 2] = float("inf")
+    A[3, n - 1, n - 1] = -float("inf")
+    if n > 1:
+        A[4, 0, n - 1] = float("nan")     # upper triangle: never read
+    w, _ = lora_ops.sym_eigh(A, vectors=False)
+    assert torch.equal(w[0], torch.zeros_like(w[0]))
+    assert torch.isnan(w[1:4]).all()
+    if n > 1:
+        check_eigvals(A[4:], w[4:])
 
 
 def test_sym_eigh_reads_lower_triangle_and_float32(device):
     A = sym_batch(2, 9, device, "indefinite")
     noisy = A + torch.triu(torch.randn_like(A), diagonal=1)
-    w, _ = lora_ops.sym_eigh(noisy.float(), vectors=False)
     rw = torch.linalg.eigvalsh(A.float().double())
-    torch.testing.assert_close(w.cpu(), rw.cpu(), rtol=0, atol=1e-12)
+    for vectors in (False, True):
+        w, _ = lora_ops.sym_eigh(noisy.float(), vectors=vectors)
+        torch.testing.assert_close(w.cpu(), rw.cpu(), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("n", [33, 130])
+def test_sym_eigvals_float32_input(device, n):
+    A = sym_batch(3, n, device, "psd_lowrank").float()
+    w, _ = lora_ops.sym_eigh(A, vectors=False)
+    check_eigvals(A.double(), w)
 
 
 @pytest.mark.parametrize("n", [128] + ([256] if HAS_CUDA else []))
@@ -246,16 +322,28 @@ def test_sym_eigh_opcheck(device):
 @requires_cuda
 @pytest.mark.parametrize("n", [8, 64, 128, 256])
 def test_cuda_jacobi_vs_eigvalsh_batched(n):
-    """The GPU Jacobi solver against torch.linalg.eigvalsh in float64, 224-matrix batches."""
+    """The GPU solvers (Jacobi with vectors, Householder + bisection without) against
+    torch.linalg.eigvalsh in float64, 224-matrix batches."""
     A = sym_batch(224 if n <= 64 else 32, n, torch.device("cuda"), "psd_lowrank")
     A[::3] = sym_batch(A[::3].shape[0], n, torch.device("cuda"), "indefinite")
     w, V = lora_ops.sym_eigh(A)
     check_eigh(A, w, V)
     w2, _ = lora_ops.sym_eigh(A, vectors=False)
-    ref = torch.linalg.eigvalsh(A)
-    scale = A.flatten(1).norm(dim=1)[:, None]
-    assert torch.all((w2 - ref).abs() <= 1e-13 * n * scale)
+    check_eigvals(A, w2)
     assert torch.equal(lora_ops.sym_eigh(A, vectors=False)[0], w2)  # deterministic
+
+
+@requires_cuda
+@pytest.mark.parametrize("n", [224, 233, 300, 1024])
+def test_cuda_eigvals_large(n):
+    """Around and above the size whose packed matrix fills shared memory (its leading rows then
+    live in a global workspace), against LAPACK and the CPU run of the same algorithm."""
+    A = sym_batch(224 if n <= 300 else 2, n, torch.device("cuda"), "indefinite")
+    w, _ = lora_ops.sym_eigh(A, vectors=False)
+    check_eigvals(A, w)
+    w_cpu, _ = lora_ops.sym_eigh(A[:2].cpu(), vectors=False)
+    scale = A[:2].flatten(1).norm(dim=1)[:, None].cpu()
+    assert torch.all((w[:2].cpu() - w_cpu).abs() <= 2e-13 * n * scale)
 
 
 @requires_cuda
@@ -303,6 +391,34 @@ def test_psd_cholesky_semidefinite(device, n):
     # What is left is about tol·max(diag) and the input's own rounding noise.
     tol = 1e-6 if n == 16 else 1e-12
     assert torch.all(err <= tol * scale), err / scale
+
+
+@pytest.mark.parametrize("n", [4, 37, 130])
+def test_psd_cholesky_pivot_order_and_ties(device, n):
+    """Largest remaining diagonal first, ties to the smaller row index (a diagonal A keeps its
+    diagonal through the steps, so F is a scaled permutation that shows the pivot order)."""
+    d = torch.tensor([float(1 + (7 * i) % 5) for i in range(n)], dtype=torch.float64)
+    A = torch.diag(d).expand(2, n, n).contiguous()
+    A[1, n - 1, n - 1] = 0.0  # zero pivot: dropped, its column stays 0
+    F = lora_ops.psd_cholesky(A.to(device)).cpu()
+    order = sorted(range(n), key=lambda i: (-d[i].item(), i))
+    expect = torch.zeros(n, n, dtype=torch.float64)
+    for j, i in enumerate(order):
+        expect[i, j] = math.sqrt(d[i])
+    assert torch.equal(F[0], expect)
+    order1 = [i for i in order if i != n - 1]
+    expect1 = torch.zeros(n, n, dtype=torch.float64)
+    for j, i in enumerate(order1):
+        expect1[i, j] = math.sqrt(d[i])
+    assert torch.equal(F[1], expect1)
+
+
+def test_psd_cholesky_deterministic(device):
+    Y = torch.randn(16, 100, 60, dtype=torch.float64, device=device)
+    A = Y @ Y.mT
+    F = lora_ops.psd_cholesky(A)
+    for _ in range(3):
+        assert torch.equal(lora_ops.psd_cholesky(A), F)
 
 
 @requires_cuda

@@ -1,7 +1,8 @@
-// The batched r x r ops on the CPU: sym_eigh (the parallel cyclic Jacobi solver of jacobi.h)
-// and psd_cholesky (psd_cholesky.h), run sequentially per matrix, matrices in parallel. The
-// Jacobi solver is here so that the algorithm the GPU runs is tested on every machine;
-// gradgeom.lora uses LAPACK (torch.linalg) for eigenvalues on the CPU.
+// The batched r x r ops on the CPU: sym_eigh (eigenvalues only: Householder + bisection of
+// tridiag_eig.h; with eigenvectors: the parallel cyclic Jacobi solver of jacobi.h) and
+// psd_cholesky (psd_cholesky.h), run sequentially per matrix, matrices in parallel. The solvers
+// are here so that the algorithms the GPU runs are tested on every machine; gradgeom.lora uses
+// LAPACK (torch.linalg) for eigenvalues on the CPU.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -16,9 +17,31 @@
 #include "gradgeom/jacobi.h"
 #include "gradgeom/psd_cholesky.h"
 #include "gradgeom/rxr_check.h"
+#include "gradgeom/tridiag_eig.h"
 
 namespace gradgeom {
 namespace {
+
+// Packed lower triangles; rows below n/2 in a separate buffer, so that the CPU also runs the
+// head/tail split the GPU uses for matrices too large for shared memory.
+void eigvalsh_cpu(const at::Tensor& a64, at::Tensor& w) {
+  const int64_t batch = a64.size(0);
+  const int n = static_cast<int>(a64.size(1));
+  const int split = n / 2;
+  const double* src = a64.data_ptr<double>();
+  double* wout = w.data_ptr<double>();
+  at::parallel_for(0, batch, 1, [&](int64_t first, int64_t last) {
+    const int64_t head_size = block::packed_size(split);
+    std::vector<double> head(head_size), tail(block::packed_size(n) - head_size);
+    std::vector<double> work(tridiag::workspace_doubles(n));
+    std::vector<int> iwork(tridiag::grid_points(n, 1));
+    const block::PackedLower a{head.data(), tail.data(), split};
+    for (int64_t b = first; b < last; ++b) {
+      block::load_lower(src + b * n * n, n, a, 0, 1);
+      tridiag::eigvalsh(a, n, work.data(), iwork.data(), wout + b * n, 0, 1, [] {});
+    }
+  });
+}
 
 std::tuple<at::Tensor, at::Tensor> sym_eigh_cpu(const at::Tensor& A, bool vectors) {
   check_square_batch("sym_eigh", A);
@@ -30,30 +53,31 @@ std::tuple<at::Tensor, at::Tensor> sym_eigh_cpu(const at::Tensor& A, bool vector
   at::Tensor w = at::full({batch, n}, nan, opts);
   at::Tensor V = vectors ? at::full({batch, n, n}, nan, opts) : at::empty({0}, opts);
   if (batch == 0 || n == 0) return {w, V};
+  if (!vectors) {
+    eigvalsh_cpu(a64, w);
+    return {w, V};
+  }
   const int m = static_cast<int>(n + (n % 2));
   const int ld = m;
   const double* src = a64.data_ptr<double>();
   double* wout = w.data_ptr<double>();
-  double* vout = vectors ? V.data_ptr<double>() : nullptr;
+  double* vout = V.data_ptr<double>();
 
   at::parallel_for(0, batch, 1, [&](int64_t first, int64_t last) {
-    std::vector<double> a(m * ld), v(vectors ? m * ld : 0), rot(2 * m);
+    std::vector<double> a(m * ld), v(m * ld), rot(2 * m);
     int flag = 0;
     for (int64_t b = first; b < last; ++b) {
       const double* s = src + b * n * n;
       std::fill(a.begin(), a.end(), 0.0);
       for (int64_t i = 0; i < n; ++i)
         for (int64_t j = 0; j <= i; ++j) a[i * ld + j] = a[j * ld + i] = s[i * n + j];  // lower triangle
-      if (vectors) {
-        std::fill(v.begin(), v.end(), 0.0);
-        for (int i = 0; i < m; ++i) v[i * ld + i] = 1.0;
-      }
-      jacobi::solve(a.data(), ld, vectors ? v.data() : nullptr, m, rot.data(), &flag, 0, 1, [] {});
+      std::fill(v.begin(), v.end(), 0.0);
+      for (int i = 0; i < m; ++i) v[i * ld + i] = 1.0;
+      jacobi::solve(a.data(), ld, v.data(), m, rot.data(), &flag, 0, 1, [] {});
       for (int i = 0; i < n; ++i) {
         const int k = jacobi::ascending_rank(a.data(), ld, static_cast<int>(n), i);
         wout[b * n + k] = a[i * ld + i];
-        if (vectors)
-          for (int64_t row = 0; row < n; ++row) vout[(b * n + row) * n + k] = v[row * ld + i];
+        for (int64_t row = 0; row < n; ++row) vout[(b * n + row) * n + k] = v[row * ld + i];
       }
     }
   });
@@ -69,12 +93,12 @@ at::Tensor psd_cholesky_cpu(const at::Tensor& A, double tol) {
   const double* src = a64.data_ptr<double>();
   double* out = F.data_ptr<double>();
   at::parallel_for(0, batch, 1, [&](int64_t first, int64_t last) {
-    std::vector<double> a(static_cast<size_t>(n) * n), scratch(2 + n);
+    std::vector<double> packed(block::packed_size(n)), work(cholesky::workspace_doubles(n, 1));
+    std::vector<int> iwork(cholesky::workspace_ints(n));
+    const block::PackedLower a{packed.data(), packed.data(), n};
     for (int64_t b = first; b < last; ++b) {
-      const double* s = src + b * n * n;
-      for (int i = 0; i < n; ++i)
-        for (int k = 0; k <= i; ++k) a[i * n + k] = a[k * n + i] = s[i * n + k];  // lower triangle
-      cholesky::factor(a.data(), n, n, tol, out + b * n * n, scratch.data(), 0, 1, [] {});
+      block::load_lower(src + b * n * n, n, a, 0, 1);
+      cholesky::factor(a, n, tol, out + b * n * n, work.data(), iwork.data(), 0, 1, [] {});
     }
   });
   return F;

@@ -1,7 +1,15 @@
-// The batched r x r ops on CUDA, one block per matrix, fp64. psd_cholesky runs psd_cholesky.h
-// (in shared memory for n <= 128). sym_eigh runs the parallel cyclic Jacobi solver of jacobi.h. The matrix (and the eigenvectors, when asked for) live in shared memory when they fit
-// the block's opt-in limit (n <= 128 for eigenvalues, n <= 64 with vectors on an H100), else in
-// a global workspace that stays L2-resident. Avoids cuSOLVER's batched syevj cliff at n > 32.
+// The batched r x r ops on CUDA, one block per matrix, fp64, lower triangle read.
+// - sym_eigh without vectors: Householder tridiagonalisation + bisection (tridiag_eig.h) on the
+//   packed lower triangle, two barriers per Householder step. Shared memory holds the workspace
+//   and as many trailing rows of the packed matrix as fit (all of it up to n = 232 on an H100,
+//   73 KiB at n = 128); the leading rows of larger matrices live in a global workspace, and
+//   they are the first to drop out of the shrinking trailing matrix.
+// - sym_eigh with vectors: the parallel cyclic Jacobi solver of jacobi.h. The matrix and the
+//   eigenvectors live in shared memory when they fit the block's opt-in limit (n <= 64 on an
+//   H100), else in a global workspace that stays L2-resident.
+// - psd_cholesky: psd_cholesky.h on the packed lower triangle, one barrier per pivot step
+//   (in shared memory up to n = 223 on an H100, 82.5 KiB at n = 128; global above).
+// Avoids cuSOLVER's batched syevj cliff at n > 32.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -14,10 +22,12 @@
 #include <limits>
 #include <tuple>
 
+#include "gradgeom/block_ops.h"
+#include "gradgeom/check.h"
 #include "gradgeom/jacobi.h"
 #include "gradgeom/psd_cholesky.h"
 #include "gradgeom/rxr_check.h"
-#include "gradgeom/check.h"
+#include "gradgeom/tridiag_eig.h"
 
 namespace gradgeom {
 namespace {
@@ -30,7 +40,7 @@ struct BlockSync {
   }
 };
 
-__global__ void sym_eigh_kernel(const double* in, int n, int m, int ld, bool vectors, bool use_smem, double* work_a,
+__global__ void sym_eigh_kernel(const double* in, int n, int m, int ld, bool use_smem, double* work_a,
                                 double* work_v, double* w_out, double* v_out) {
   extern __shared__ double smem[];
   __shared__ int flag;
@@ -40,7 +50,7 @@ __global__ void sym_eigh_kernel(const double* in, int n, int m, int ld, bool vec
   const int64_t size = int64_t(m) * ld;
   double* rot = smem;
   double* a = use_smem ? smem + 2 * m : work_a + b * size;
-  double* v = vectors ? (use_smem ? a + size : work_v + b * size) : nullptr;
+  double* v = use_smem ? a + size : work_v + b * size;
   const double* src = in + b * int64_t(n) * n;
   for (int64_t e = tid; e < size; e += nthreads) {
     const int i = static_cast<int>(e / ld);
@@ -48,7 +58,7 @@ __global__ void sym_eigh_kernel(const double* in, int n, int m, int ld, bool vec
     double x = 0.0;
     if (i < n && j < n) x = i >= j ? src[int64_t(i) * n + j] : src[int64_t(j) * n + i];
     a[e] = x;
-    if (vectors) v[e] = (i == j) ? 1.0 : 0.0;
+    v[e] = (i == j) ? 1.0 : 0.0;
   }
   __syncthreads();
   jacobi::solve(a, ld, v, m, rot, &flag, tid, nthreads, BlockSync{});
@@ -56,9 +66,56 @@ __global__ void sym_eigh_kernel(const double* in, int n, int m, int ld, bool vec
   for (int i = tid; i < n; i += nthreads) {
     const int k = jacobi::ascending_rank(a, ld, n, i);
     w_out[b * n + k] = a[int64_t(i) * ld + i];
-    if (vectors)
-      for (int row = 0; row < n; ++row) v_out[(b * n + row) * n + k] = v[int64_t(row) * ld + i];
+    for (int row = 0; row < n; ++row) v_out[(b * n + row) * n + k] = v[int64_t(row) * ld + i];
   }
+}
+
+// Shared memory: tridiag workspace, rows [split, n) of the packed matrix, then the grid counts.
+__global__ void __launch_bounds__(512, 2)
+    sym_eigvalsh_kernel(const double* in, int n, int split, double* head_work, double* w_out) {
+  extern __shared__ double smem[];
+  const int64_t b = blockIdx.x;
+  const int64_t head_size = block::packed_size(split);
+  double* tail = smem + tridiag::workspace_doubles(n);
+  int* iwork = reinterpret_cast<int*>(tail + (block::packed_size(n) - head_size));
+  const block::PackedLower a{head_work + b * head_size, tail, split};
+  block::load_lower(in + b * int64_t(n) * n, n, a, threadIdx.x, blockDim.x);
+  __syncthreads();
+  tridiag::eigvalsh(a, n, smem, iwork, w_out + b * n, threadIdx.x, blockDim.x, BlockSync{});
+}
+
+int block_threads(int64_t n) { return n <= 32 ? 128 : (n <= 64 ? 256 : 512); }
+
+// Opt-in dynamic shared memory per block, less room for static shared memory.
+int64_t smem_budget(const at::Tensor& A) {
+  int optin = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, A.device().index()));
+  return optin - 1024;
+}
+
+template <typename Kernel>
+void allow_smem(Kernel kernel, int64_t bytes) {
+  if (bytes > 48 * 1024)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+}
+
+void eigvalsh_cuda(const at::Tensor& a64, at::Tensor& w) {
+  const int64_t batch = a64.size(0);
+  const int n = static_cast<int>(a64.size(1));
+  const int threads = block_threads(n);
+  constexpr int64_t kDouble = sizeof(double);
+  const int64_t fixed = tridiag::workspace_doubles(n) * kDouble + tridiag::grid_points(n, threads) * int64_t(sizeof(int));
+  const int64_t budget = smem_budget(a64) - fixed;
+  int split = 0;
+  while (split < n && (block::packed_size(n) - block::packed_size(split)) * kDouble > budget) ++split;
+  const int64_t dyn = fixed + (block::packed_size(n) - block::packed_size(split)) * kDouble;
+  allow_smem(sym_eigvalsh_kernel, dyn);
+  at::Tensor head;
+  if (split > 0) head = at::empty({batch, block::packed_size(split)}, a64.options());
+  sym_eigvalsh_kernel<<<static_cast<unsigned>(batch), threads, static_cast<size_t>(dyn),
+                        c10::cuda::getCurrentCUDAStream()>>>(
+      a64.data_ptr<double>(), n, split, split > 0 ? head.data_ptr<double>() : nullptr, w.data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 std::tuple<at::Tensor, at::Tensor> sym_eigh_cuda(const at::Tensor& A, bool vectors) {
@@ -73,48 +130,45 @@ std::tuple<at::Tensor, at::Tensor> sym_eigh_cuda(const at::Tensor& A, bool vecto
   at::Tensor V = vectors ? at::full({batch, n, n}, nan, opts) : at::empty({0}, opts);
   if (batch == 0 || n == 0) return {w, V};
   GG_CHECK(batch < (int64_t(1) << 31), "sym_eigh: batch too large (", batch, ")");
+  if (!vectors) {
+    eigvalsh_cuda(a64, w);
+    return {w, V};
+  }
 
   const int m = static_cast<int>(n + (n % 2));
   const int ld = m + 1;  // odd stride: the columns of a 2x2 block fall in different banks
   const int64_t mat_bytes = int64_t(m) * ld * static_cast<int64_t>(sizeof(double));
   const int64_t rot_bytes = 2 * int64_t(m) * static_cast<int64_t>(sizeof(double));
-  const int64_t smem_bytes = rot_bytes + (vectors ? 2 : 1) * mat_bytes;
-  int optin = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, A.device().index()));
-  const bool use_smem = smem_bytes <= optin - 1024;  // leave room for the static flag
+  const int64_t smem_bytes = rot_bytes + 2 * mat_bytes;
+  const bool use_smem = smem_bytes <= smem_budget(A);
   const int64_t dyn_bytes = use_smem ? smem_bytes : rot_bytes;
-  if (dyn_bytes > 48 * 1024)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(sym_eigh_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(dyn_bytes)));
+  allow_smem(sym_eigh_kernel, dyn_bytes);
   at::Tensor work_a, work_v;
   if (!use_smem) {
     work_a = at::empty({batch, m, ld}, opts);
-    if (vectors) work_v = at::empty({batch, m, ld}, opts);
+    work_v = at::empty({batch, m, ld}, opts);
   }
-  const int threads = m <= 32 ? 128 : (m <= 64 ? 256 : 512);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  sym_eigh_kernel<<<static_cast<unsigned>(batch), threads, static_cast<size_t>(dyn_bytes), stream>>>(
-      a64.data_ptr<double>(), static_cast<int>(n), m, ld, vectors, use_smem,
-      use_smem ? nullptr : work_a.data_ptr<double>(), (use_smem || !vectors) ? nullptr : work_v.data_ptr<double>(),
-      w.data_ptr<double>(), vectors ? V.data_ptr<double>() : nullptr);
+  sym_eigh_kernel<<<static_cast<unsigned>(batch), block_threads(m), static_cast<size_t>(dyn_bytes), stream>>>(
+      a64.data_ptr<double>(), static_cast<int>(n), m, ld, use_smem, use_smem ? nullptr : work_a.data_ptr<double>(),
+      use_smem ? nullptr : work_v.data_ptr<double>(), w.data_ptr<double>(), V.data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {w, V};
 }
 
-__global__ void psd_cholesky_kernel(const double* in, int n, int ld, double tol, bool use_smem, double* work,
-                                    double* F) {
+// Shared memory: cholesky doubles workspace, the packed matrix (when it fits), the ints workspace.
+__global__ void __launch_bounds__(512, 2)
+    psd_cholesky_kernel(const double* in, int n, double tol, bool use_smem, double* work, double* F) {
   extern __shared__ double smem[];
   const int64_t b = blockIdx.x;
-  double* scratch = smem;  // 2 + n doubles
-  double* a = use_smem ? smem + 2 + n : work + b * int64_t(n) * ld;
-  const double* src = in + b * int64_t(n) * n;
-  for (int e = threadIdx.x; e < n * n; e += blockDim.x) {
-    const int i = e / n;
-    const int k = e - i * n;
-    a[i * ld + k] = i >= k ? src[e] : src[k * n + i];  // lower triangle, mirrored
-  }
+  const int64_t work_doubles = cholesky::workspace_doubles(n, blockDim.x / 32);
+  const int64_t size = block::packed_size(n);
+  double* packed = use_smem ? smem + work_doubles : work + b * size;
+  int* iwork = reinterpret_cast<int*>(smem + work_doubles + (use_smem ? size : 0));
+  const block::PackedLower a{packed, packed, n};
+  block::load_lower(in + b * int64_t(n) * n, n, a, threadIdx.x, blockDim.x);
   __syncthreads();
-  cholesky::factor(a, ld, n, tol, F + b * int64_t(n) * n, scratch, threadIdx.x, blockDim.x, BlockSync{});
+  cholesky::factor(a, n, tol, F + b * int64_t(n) * n, smem, iwork, threadIdx.x, blockDim.x, BlockSync{});
 }
 
 at::Tensor psd_cholesky_cuda(const at::Tensor& A, double tol) {
@@ -126,21 +180,18 @@ at::Tensor psd_cholesky_cuda(const at::Tensor& A, double tol) {
   const int n = static_cast<int>(a64.size(1));
   if (batch == 0 || n == 0) return F;
   GG_CHECK(batch < (int64_t(1) << 31), "psd_cholesky: batch too large (", batch, ")");
-  const int ld = n + 1;
-  const int64_t scratch_bytes = (2 + int64_t(n)) * static_cast<int64_t>(sizeof(double));
-  const int64_t mat_bytes = int64_t(n) * ld * static_cast<int64_t>(sizeof(double));
-  int optin = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, A.device().index()));
-  const bool use_smem = scratch_bytes + mat_bytes <= optin - 1024;
-  const int64_t dyn = scratch_bytes + (use_smem ? mat_bytes : 0);
-  if (dyn > 48 * 1024)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(psd_cholesky_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(dyn)));
+  const int threads = block_threads(n);
+  constexpr int64_t kDouble = sizeof(double);
+  const int64_t fixed = cholesky::workspace_doubles(n, threads / 32) * kDouble +
+                        cholesky::workspace_ints(n) * int64_t(sizeof(int));
+  const int64_t mat_bytes = block::packed_size(n) * kDouble;
+  const bool use_smem = fixed + mat_bytes <= smem_budget(A);
+  const int64_t dyn = fixed + (use_smem ? mat_bytes : 0);
+  allow_smem(psd_cholesky_kernel, dyn);
   at::Tensor work;
-  if (!use_smem) work = at::empty({batch, n, ld}, a64.options());
-  const int threads = n <= 32 ? 128 : (n <= 64 ? 256 : 512);
+  if (!use_smem) work = at::empty({batch, block::packed_size(n)}, a64.options());
   psd_cholesky_kernel<<<static_cast<unsigned>(batch), threads, static_cast<size_t>(dyn),
-                        c10::cuda::getCurrentCUDAStream()>>>(a64.data_ptr<double>(), n, ld, tol, use_smem,
+                        c10::cuda::getCurrentCUDAStream()>>>(a64.data_ptr<double>(), n, tol, use_smem,
                                                              use_smem ? nullptr : work.data_ptr<double>(),
                                                              F.data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
