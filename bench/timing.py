@@ -31,6 +31,21 @@ def median_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, r
     return statistics.median(times)
 
 
+def kernel_ms(fn: Callable[[], object], reps: int = 5) -> float:
+    """GPU time of fn()'s kernels and copies per call (torch.profiler device durations, summed).
+
+    Unlike :func:`median_ms` this leaves out the host time that launching takes, so it is the
+    figure to compare with a copy's bandwidth when the host, not the GPU, bounds a call."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    total_us = sum(e.device_time for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    return total_us / 1e3 / reps
+
+
 def copy_gbps(nbytes: int, device: torch.device) -> float:
     """Device-to-device (or host memcpy) copy bandwidth, counting bytes read + written, in GB/s.
 
