@@ -178,10 +178,9 @@ __global__ void __launch_bounds__(kThreads) gram_units_kernel(const DeviceGramJo
 constexpr int32_t kDirect = 1 << 16;
 
 template <bool kWide>
-__global__ void __launch_bounds__(mma_gram::Ring<kWide>::kThreads, kWide ? 1 : 2) gram_mma_kernel(const DeviceGramJob* jobs,
-                                                                                    const DeviceGramUnit* units,
-                                                                                    double* partials, int64_t R,
-                                                                                    double* out_b, double* out_a) {
+__global__ void __launch_bounds__(mma_gram::Ring<kWide>::kThreads, kWide ? 1 : 2)
+    gram_mma_kernel(const DeviceGramJob* jobs, const DeviceGramUnit* units, double* partials, int64_t R,
+                    double* out_b, double* out_a) {
   extern __shared__ __align__(16) unsigned char mma_smem[];
   const DeviceGramUnit u = units[blockIdx.x];
   const DeviceGramJob job = jobs[u.job];
@@ -351,16 +350,18 @@ std::tuple<at::Tensor, at::Tensor> lora_gram_cuda(at::TensorList Bs, at::TensorL
   at::Tensor partials = at::empty({std::max<int64_t>(partial_total, 1)}, dev);
   double* const part = partials.data_ptr<double>();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  double* const out_b = gb.data_ptr<double>();
+  double* const out_a = ga.data_ptr<double>();
   if (narrow > 0) {
-    gram_mma_kernel<false><<<static_cast<unsigned>(narrow), mma_gram::Ring<false>::kThreads, mma_gram::Ring<false>::kSmemBytes,
-                             stream>>>(
-        dev_jobs, dev_mma_units, part, R, gb.data_ptr<double>(), ga.data_ptr<double>());
+    using Ring = mma_gram::Ring<false>;
+    gram_mma_kernel<false><<<static_cast<unsigned>(narrow), Ring::kThreads, Ring::kSmemBytes, stream>>>(
+        dev_jobs, dev_mma_units, part, R, out_b, out_a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   if (!wide_units.empty()) {
-    gram_mma_kernel<true><<<static_cast<unsigned>(wide_units.size()), mma_gram::Ring<true>::kThreads,
-                            mma_gram::Ring<true>::kSmemBytes, stream>>>(dev_jobs, dev_mma_units + narrow, part, R, gb.data_ptr<double>(),
-                                      ga.data_ptr<double>());
+    using Ring = mma_gram::Ring<true>;
+    gram_mma_kernel<true><<<static_cast<unsigned>(wide_units.size()), Ring::kThreads, Ring::kSmemBytes, stream>>>(
+        dev_jobs, dev_mma_units + narrow, part, R, out_b, out_a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   if (!units.empty()) {
@@ -368,8 +369,8 @@ std::tuple<at::Tensor, at::Tensor> lora_gram_cuda(at::TensorList Bs, at::TensorL
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   if (!merge_jobs.empty()) {
-    gram_merge_kernel<<<static_cast<unsigned>(merge_jobs.size()), kThreads, 0, stream>>>(
-        dev_jobs, dev_merge, part, R, gb.data_ptr<double>(), ga.data_ptr<double>());
+    gram_merge_kernel<<<static_cast<unsigned>(merge_jobs.size()), kThreads, 0, stream>>>(dev_jobs, dev_merge, part, R,
+                                                                                       out_b, out_a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return {gb, ga};

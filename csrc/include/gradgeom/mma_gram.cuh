@@ -2,13 +2,17 @@
 // X [m, r] with r <= 128, read in place through one of its two dense layouts:
 //   kColumns: each column of X is contiguous (X = Aᵀ for a row-major A [r, k]);
 //   kRows:    each row of X is contiguous (X = B, a row-major B [d, r]).
-// A block of 8 warps streams chunks of X into shared memory with cp.async (a ring of stages:
-// 4 for W <= 64 at two blocks per SM, 8 for W = 128 at one block per SM; 16-byte copies, zero-filled past the end of the split and past column r) and multiplies them with
-// mma.sync m16n8k16 (bf16/fp16 in, fp32 accumulate: the products are exact, as in the CUDA-core
-// kernel). The r columns are padded to W in {16, 32, 64, 128}. The 8 warps form a grid over
-// the W x W result (each warp a (16·MT) x (8·NT) tile) and, where the grid has fewer than 8
-// cells (W < 128), over the k16 steps of each chunk as well: narrow Grams split the rows across
-// warps, whose sums are added in a fixed order at the end.
+// A block streams chunks of X into shared memory with cp.async (16-byte copies, zero-filled past
+// the end of the split and past column r) through a ring of stages, and multiplies them with
+// mma.sync m16n8k16 (bf16/fp16 in, fp32 accumulate: the products are exact; each chunk's sum is
+// added to the running one with IEEE rounding). The r columns are padded to W in {16, 32, 64,
+// 128}.
+//  * Narrow (W <= 64): 8 warps, 4 stages, two blocks per SM. The warps form a grid over the
+//    W x W result (each warp a (16·MT) x (8·NT) tile) and, where the grid has fewer than 8
+//    cells, over the k16 steps of each chunk as well; those partial sums are added in a fixed
+//    order at the end.
+//  * Wide (W = 128): 16 warps, 8 stages, one block per SM. 10 warps compute the 32 x 32 tiles on
+//    or above the diagonal and mirror them (the Gram is symmetric); the other 6 only stage data.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -32,7 +36,8 @@ struct Ring {
   static constexpr int kWarps = kWide ? 16 : 8;
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int kStages = kWide ? 8 : 4;
-  static constexpr int kStageHalfs = kWide ? 128 * (kChunkElems / 128 + kPad) : kChunkElems + (kChunkElems / 16) * kPad;
+  static constexpr int kStageHalfs =
+      kWide ? 128 * (kChunkElems / 128 + kPad) : kChunkElems + (kChunkElems / 16) * kPad;
   static constexpr int kSmemBytes = kStages * kStageHalfs * 2;
 };
 
@@ -195,8 +200,10 @@ __device__ void gram_tile(const Job& job, unsigned char* smem) {
     cp_async_wait<kStages - 2>();
     __syncthreads();
     const int64_t next = c + kStages - 1;
-    if (next < chunks)
-      S::template load<kThreads>(job, job.row_begin + next * S::kRowsPerChunk, stage_addr(static_cast<int>(next % kStages)));
+    if (next < chunks) {
+      const uint32_t into = stage_addr(static_cast<int>(next % kStages));
+      S::template load<kThreads>(job, job.row_begin + next * S::kRowsPerChunk, into);
+    }
     cp_async_commit();
     if (!computes) continue;
     const uint32_t st = stage_addr(static_cast<int>(c % kStages));
