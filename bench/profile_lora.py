@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections import defaultdict
 
 import torch
 
@@ -23,7 +22,7 @@ if __name__ == "__main__":
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_lora import adapters  # noqa: E402
-from timing import median_ms  # noqa: E402
+from timing import kernel_ms_by_name, median_ms  # noqa: E402
 
 from gradgeom import lora  # noqa: E402
 
@@ -43,19 +42,9 @@ def host_ms(fn, reps: int = 20) -> float:
 
 
 def device_ms(fn, reps: int = 5):
-    fn()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-    per = defaultdict(float)
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            per[e.name] += e.device_time / 1e3 / reps
-    total = sum(per.values())
+    per = kernel_ms_by_name(fn, reps)
     top = sorted(per.items(), key=lambda kv: -kv[1])[:4]
-    return total, top
+    return sum(per.values()), top
 
 
 def main(ranks):

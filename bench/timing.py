@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections import defaultdict
 from typing import Callable
 
 import torch
@@ -31,19 +32,27 @@ def median_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, r
     return statistics.median(times)
 
 
-def kernel_ms(fn: Callable[[], object], reps: int = 5) -> float:
-    """GPU time of fn()'s kernels and copies per call (torch.profiler device durations, summed).
-
-    Unlike :func:`median_ms` this leaves out the host time that launching takes, so it is the
-    figure to compare with a copy's bandwidth when the host, not the GPU, bounds a call."""
+def kernel_ms_by_name(fn: Callable[[], object], reps: int = 5) -> dict[str, float]:
+    """GPU time per call of each kernel (and copy) fn() runs, by name, in ms (torch.profiler)."""
     fn()
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
             fn()
         torch.cuda.synchronize()
-    total_us = sum(e.device_time for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
-    return total_us / 1e3 / reps
+    per: dict[str, float] = defaultdict(float)
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            per[e.name] += e.device_time / 1e3 / reps
+    return dict(per)
+
+
+def kernel_ms(fn: Callable[[], object], reps: int = 5) -> float:
+    """GPU time of fn()'s kernels and copies per call (torch.profiler device durations, summed).
+
+    Unlike :func:`median_ms` this leaves out the host time that launching takes, so it is the
+    figure to compare with a copy's bandwidth when the host, not the GPU, bounds a call."""
+    return sum(kernel_ms_by_name(fn, reps).values())
 
 
 def copy_gbps(nbytes: int, device: torch.device) -> float:
