@@ -260,6 +260,23 @@ def test_sym_eigvals_awkward_spectra(device, n):
     assert torch.equal(lora_ops.sym_eigh(A, vectors=False)[0], w)  # same input, same bits
 
 
+@pytest.mark.parametrize("n", [2, 7, 64])
+def test_sym_eigvals_zero_minors_and_wide_range(device, n):
+    """Sturm counts by the three-term recurrence: exact zero minors (zeros on the diagonal, zero
+    off-diagonals, repeated entries) and entries spanning 1e-300 .. 1 in one matrix."""
+    g = torch.Generator().manual_seed(7 * n)
+    A = torch.zeros(4, n, n, dtype=torch.float64)
+    idx = torch.arange(n)
+    A[0, idx, idx] = torch.tensor([0.0, 1.0, -1.0, 0.0] * n, dtype=torch.float64)[:n]
+    A[1, idx, idx] = 10.0 ** -(300.0 * torch.rand(n, generator=g, dtype=torch.float64)).floor()
+    A[1, idx[1:], idx[:-1]] = 10.0 ** -(300.0 * torch.rand(n - 1, generator=g, dtype=torch.float64)).floor()
+    A[2, idx[1:], idx[:-1]] = 1.0                      # zero diagonal, unit off-diagonal
+    A[3, idx, idx] = torch.randint(-2, 3, (n,), generator=g).double()
+    A[3, idx[1:], idx[:-1]] = torch.randint(0, 2, (n - 1,), generator=g).double()  # split points
+    w, _ = lora_ops.sym_eigh(A.to(device), vectors=False)
+    check_eigvals(A, w)
+
+
 @pytest.mark.parametrize("n", [1, 2, 5, 40])
 def test_sym_eigvals_zero_and_non_finite(device, n):
     X = torch.randn(5, n, n, dtype=torch.float64, device=device)

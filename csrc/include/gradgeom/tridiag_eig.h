@@ -10,11 +10,16 @@
 //    p = tau·A22·v, w = p - (tau/2)(vᵀp)·v, A22 -= v·wᵀ + w·vᵀ. Two barriers per step: one after
 //    p (and its per-warp vᵀp partials), one after the rank-2 update, which also leaves the next
 //    column and the per-warp partials of its squared norm.
-// 3. Bisection on T with Sturm counts (LAPACK dstebz/dlaebz: pivmin safeguard against zero
-//    pivots, Gershgorin start interval, stop when the interval is below max(ulp·‖T‖, pivmin,
-//    2ulp·|λ|)). One pass of max(n, nthreads) counts at evenly spaced points gives each index
-//    its start interval; then groups of g lanes (g <= 4 with g·n <= nthreads) refine one index
-//    each, g points per round. No barriers; every loop is bounded.
+// 3. Bisection on T with Sturm counts (LAPACK dstebz: Gershgorin start interval, stop when the
+//    interval is below max(ulp·‖T‖, pivmin, 2ulp·|λ|)). A count is the number of sign changes in
+//    the leading principal minors p_i = det(T[:i+1, :i+1] - x), from the three-term recurrence
+//    p_i = (d_i - x)·p_{i-1} - e_{i-1}²·p_{i-2} (no division on the dependent path), both minors
+//    rescaled by a power of two every second step; a zero minor takes the sign opposite to the
+//    previous one, with magnitude 2^-100 of it (dstebz's pivmin substitution, as a perturbation
+//    far below ulp·‖T‖). Each thread evaluates kPoints shifts at once. One pass of
+//    max(n, kPoints·nthreads) counts at evenly spaced points gives each index its start interval;
+//    then groups of g lanes (g <= 4 with g·n <= nthreads) refine one index each, g·kPoints points
+//    per round. No barriers; every loop is bounded.
 // Error: about n·ulp·‖A‖ absolute, like LAPACK's dsyevd (small eigenvalues of a positive definite
 // A are not relatively accurate, unlike Jacobi's).
 #pragma once
@@ -22,6 +27,7 @@
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 
 #include "gradgeom/block_ops.h"
@@ -30,47 +36,86 @@ namespace gradgeom {
 namespace tridiag {
 
 constexpr int kMaxRefineRounds = 128;
+constexpr int kPoints = 1;  // shifts per thread and Sturm pass (more points per pass cost more fp64
+                            // work than they save in rounds: measured on an H100)
 
-GG_BLOCK_FN int grid_points(int n, int nthreads) { return n > nthreads ? n : nthreads; }
+GG_BLOCK_FN int grid_points(int n, int nthreads) { return n > kPoints * nthreads ? n : kPoints * nthreads; }
 
 // Doubles of `work` eigvalsh needs; `iwork` needs grid_points(n, nthreads) ints.
 GG_BLOCK_FN int64_t workspace_doubles(int64_t n) { return 6 * n + 2 * block::kMaxWarps; }
 
-// Number of eigenvalues of T (diagonal d, squared off-diagonal e2) that are <= x.
-GG_BLOCK_FN int sturm_count(const double* d, const double* e2, int n, double x, double pivmin) {
-  double q = d[0] - x;
-  if (fabs(q) < pivmin) q = -pivmin;
-  int count = q <= 0.0 ? 1 : 0;
-  for (int i = 1; i < n; ++i) {
-    q = d[i] - e2[i - 1] / q - x;
-    if (fabs(q) < pivmin) q = -pivmin;
-    count += q <= 0.0 ? 1 : 0;
+// 2^-e for the binary exponent e of |x| (x finite; 2^1023 for zero and subnormals).
+GG_BLOCK_FN double inverse_power_of_two(double x) {
+  uint64_t bits;
+  memcpy(&bits, &x, sizeof bits);
+  const int e = static_cast<int>((bits >> 52) & 0x7ff) - 1023;
+  const uint64_t inv = static_cast<uint64_t>(1023 - e) << 52;
+  double f;
+  memcpy(&f, &inv, sizeof f);
+  return f;
+}
+
+GG_BLOCK_FN int sign_bit(double x) {
+  uint64_t bits;
+  memcpy(&bits, &x, sizeof bits);
+  return static_cast<int>(bits >> 63);
+}
+
+// counts[u] = number of eigenvalues of T (diagonal d, squared off-diagonal e2) that are <= x[u],
+// for K shifts at once (see the file comment).
+template <int K>
+GG_BLOCK_FN void sturm_counts(const double* d, const double* e2, int n, const double* x, int* counts) {
+  double pm[K], p[K];
+  int neg[K];
+  for (int u = 0; u < K; ++u) {
+    p[u] = d[0] - x[u];
+    pm[u] = 1.0;
+    neg[u] = p[u] == 0.0 ? 1 : sign_bit(p[u]);
+    if (p[u] == 0.0) p[u] = -0x1p-100;
+    counts[u] = neg[u];
   }
-  return count;
+  for (int i = 1; i < n; ++i) {
+    const double di = d[i], ei = e2[i - 1];
+    for (int u = 0; u < K; ++u) {
+      const double pn = fma(di - x[u], p[u], -(ei * pm[u]));
+      const bool zero = pn == 0.0;
+      const int s = zero ? 1 - neg[u] : sign_bit(pn);
+      pm[u] = p[u];
+      p[u] = zero ? (neg[u] ? 0x1p-100 : -0x1p-100) * fabs(pm[u]) : pn;
+      counts[u] += s ^ neg[u];
+      neg[u] = s;
+    }
+    if (i & 1) {
+      for (int u = 0; u < K; ++u) {
+        const double f = inverse_power_of_two(fmax(fabs(p[u]), fabs(pm[u])));
+        p[u] *= f;
+        pm[u] *= f;
+      }
+    }
+  }
 }
 
-// Point t of `parts` - 1 evenly spaced interior points of [lo, lo + width].
-GG_BLOCK_FN double section(double lo, double width, int t, int parts) {
-  return lo + width * (static_cast<double>(t) / static_cast<double>(parts));
+// Point t of `parts` - 1 evenly spaced interior points of [lo, lo + width] (inv_parts = 1/parts).
+GG_BLOCK_FN double section(double lo, double width, int t, double inv_parts) {
+  return lo + width * (static_cast<double>(t) * inv_parts);
 }
 
-// Eigenvalues of the matrix in `a` (destroyed) into w[0..n), ascending.
+// Workspace layout (doubles of `work`): col0, col1, p, d, e, e2 (n each), then the per-warp
+// partials sig_part and dot_part (kMaxWarps each).
+constexpr int kDone = -(1 << 30);
+
+// Step 1: scans `a`; if it is non-finite, zero or 1 x 1, writes w and returns kDone; else scales
+// it by 2^-e in place, leaves its column 0 and the per-warp partials of that column's squared norm
+// below the subdiagonal in the workspace, and returns e.
 template <typename Sync>
-GG_BLOCK_FN void eigvalsh(block::PackedLower a, int n, double* work, int* iwork, double* w, int tid, int nthreads,
-                          Sync sync) {
-  if (n <= 0) return;
+GG_BLOCK_FN int scale(block::PackedLower a, int n, double* work, double* w, int tid, int nthreads, Sync sync) {
   const int lanes = block::warp_lanes(nthreads);
   const int warp = tid / lanes, lane = tid - warp * lanes, nwarps = nthreads / lanes;
   double* col0 = work;  // col0 / col1: column k below the diagonal for even / odd k
-  double* col1 = work + n;
-  double* p = work + 2 * n;
-  double* d = work + 3 * n;
-  double* e = work + 4 * n;
-  double* e2 = work + 5 * n;
   double* sig_part = work + 6 * n;
   double* dot_part = sig_part + block::kMaxWarps;
 
-  // 1. Scan: max |a_ij|, +Inf standing for "some entry is not finite".
+  // Scan: max |a_ij|, +Inf standing for "some entry is not finite".
   double amax = 0.0;
   for (int i = warp; i < n; i += nwarps) {
     const double* r = a.row(i);
@@ -87,7 +132,7 @@ GG_BLOCK_FN void eigvalsh(block::PackedLower a, int n, double* work, int* iwork,
   if (!(amax < INFINITY) || amax == 0.0 || n == 1) {
     const double fill = amax < INFINITY ? 0.0 : std::numeric_limits<double>::quiet_NaN();
     for (int j = tid; j < n; j += nthreads) w[j] = (n == 1 && amax < INFINITY) ? a.row(0)[0] : fill;
-    return;
+    return kDone;
   }
   int scale_exp = 0;
   frexp(amax, &scale_exp);
@@ -104,8 +149,23 @@ GG_BLOCK_FN void eigvalsh(block::PackedLower a, int n, double* work, int* iwork,
   acc = block::group_sum(acc, lanes);
   if (lane == 0) sig_part[warp] = acc;
   sync();
+  return scale_exp;
+}
 
-  // 2. Householder steps.
+// Step 2: reduces the scaled matrix to tridiagonal form: d, e and e2 = e² in the workspace.
+template <typename Sync>
+GG_BLOCK_FN void tridiagonalize(block::PackedLower a, int n, double* work, int tid, int nthreads, Sync sync) {
+  const int lanes = block::warp_lanes(nthreads);
+  const int warp = tid / lanes, lane = tid - warp * lanes, nwarps = nthreads / lanes;
+  double* col0 = work;  // col0 / col1: column k below the diagonal for even / odd k
+  double* col1 = work + n;
+  double* p = work + 2 * n;
+  double* d = work + 3 * n;
+  double* e = work + 4 * n;
+  double* e2 = work + 5 * n;
+  double* sig_part = work + 6 * n;
+  double* dot_part = sig_part + block::kMaxWarps;
+  double acc = 0.0;
   for (int k = 0; k + 2 < n; ++k) {
     const double* xk = (k & 1) ? col1 : col0;
     double* xnext = (k & 1) ? col0 : col1;
@@ -180,7 +240,17 @@ GG_BLOCK_FN void eigvalsh(block::PackedLower a, int n, double* work, int* iwork,
   }
   sync();
 
-  // 3. Bisection. Every thread derives the same bounds from d and e.
+}
+
+// Step 3: eigenvalues of T (d, e, e2 of the workspace), times 2^scale_exp, into w ascending; K
+// shifts per thread and Sturm pass (iwork holds grid_points(n, nthreads) >= max(n, K·nthreads) ints).
+template <int K, typename Sync>
+GG_BLOCK_FN void bisect(int n, double* work, int* iwork, double* w, int scale_exp, int tid, int nthreads, Sync sync) {
+  double* p = work + 2 * n;
+  double* d = work + 3 * n;
+  double* e = work + 4 * n;
+  double* e2 = work + 5 * n;
+  // Every thread derives the same bounds from d and e.
   constexpr double ulp = DBL_EPSILON;
   double e2max = 0.0, lower = d[0], upper = d[0];
   for (int i = 0; i < n; ++i) {
@@ -196,14 +266,24 @@ GG_BLOCK_FN void eigvalsh(block::PackedLower a, int n, double* work, int* iwork,
   upper += pad;
   const double abstol = fmax(ulp * tnorm, pivmin);
 
-  const int grid = grid_points(n, nthreads);
+  const int grid = n > K * nthreads ? n : K * nthreads;
+  const double inv_grid = 1.0 / static_cast<double>(grid + 1);
   int* counts = iwork;
-  for (int t = tid; t < grid; t += nthreads) counts[t] = sturm_count(d, e2, n, section(lower, upper - lower, t + 1, grid + 1), pivmin);
+  for (int t0 = tid * K; t0 < grid; t0 += nthreads * K) {
+    double x[K];
+    int c[K];
+    for (int u = 0; u < K; ++u) x[u] = section(lower, upper - lower, t0 + u + 1, inv_grid);
+    sturm_counts<K>(d, e2, n, x, c);
+    for (int u = 0; u < K; ++u)
+      if (t0 + u < grid) counts[t0 + u] = c[u];
+  }
   sync();
 
   int g = 1;
   while (g < 4 && 2 * g * n <= nthreads) g *= 2;
   const int ngroups = nthreads / g, group = tid / g, member = tid - group * g;
+  const int points = g * K;  // per round: `points` + 1 parts
+  const double inv_parts = 1.0 / static_cast<double>(points + 1);
   double* mids = p;
   for (int j0 = 0; j0 < n; j0 += ngroups) {
     const int j = j0 + group;
@@ -217,17 +297,25 @@ GG_BLOCK_FN void eigvalsh(block::PackedLower a, int n, double* work, int* iwork,
       else
         ghi = mid;
     }
-    double lo = glo == 0 ? lower : section(lower, upper - lower, glo, grid + 1);
-    double hi = ghi == grid + 1 ? upper : section(lower, upper - lower, ghi, grid + 1);
+    double lo = glo == 0 ? lower : section(lower, upper - lower, glo, inv_grid);
+    double hi = ghi == grid + 1 ? upper : section(lower, upper - lower, ghi, inv_grid);
     for (int round = 0; round < kMaxRefineRounds; ++round) {
       const double width = hi - lo;
       if (!(width > fmax(abstol, 2.0 * ulp * fmax(fabs(lo), fabs(hi))))) break;
-      const int c = sturm_count(d, e2, n, section(lo, width, member + 1, g + 1), pivmin);
-      int first = g;  // first of the g points whose count exceeds j
-      for (int t = g - 1; t >= 0; --t)
-        if (block::group_get(c, t, g, tid) > j) first = t;
-      const double new_lo = first == 0 ? lo : section(lo, width, first, g + 1);
-      const double new_hi = first == g ? hi : section(lo, width, first + 1, g + 1);
+      double x[K];
+      int c[K];
+      for (int u = 0; u < K; ++u) x[u] = section(lo, width, member * K + u + 1, inv_parts);
+      sturm_counts<K>(d, e2, n, x, c);
+      int mine = points;  // this lane's first point whose count exceeds j
+      for (int u = K - 1; u >= 0; --u)
+        if (c[u] > j) mine = member * K + u;
+      int first = mine;
+      for (int t = 0; t < g; ++t) {
+        const int other = block::group_get(mine, t, g, tid);
+        first = other < first ? other : first;
+      }
+      const double new_lo = first == 0 ? lo : section(lo, width, first, inv_parts);
+      const double new_hi = first == points ? hi : section(lo, width, first + 1, inv_parts);
       lo = new_lo;
       hi = new_hi;
     }
@@ -241,6 +329,18 @@ GG_BLOCK_FN void eigvalsh(block::PackedLower a, int n, double* work, int* iwork,
     for (int i = 0; i < n; ++i) rank += (mids[i] < x || (mids[i] == x && i < j)) ? 1 : 0;
     w[rank] = ldexp(x, scale_exp);
   }
+}
+
+
+// Eigenvalues of the matrix in `a` (destroyed) into w[0..n), ascending.
+template <typename Sync>
+GG_BLOCK_FN void eigvalsh(block::PackedLower a, int n, double* work, int* iwork, double* w, int tid, int nthreads,
+                          Sync sync) {
+  if (n <= 0) return;
+  const int scale_exp = scale(a, n, work, w, tid, nthreads, sync);
+  if (scale_exp == kDone) return;
+  tridiagonalize(a, n, work, tid, nthreads, sync);
+  bisect<kPoints>(n, work, iwork, w, scale_exp, tid, nthreads, sync);
 }
 
 }  // namespace tridiag
