@@ -1,10 +1,11 @@
 """The native composites lora_svdvals / lora_fro against the Python composition they replace
-(_lora_core.gram_spectrum over lora_gram), bit for bit."""
+(_lora_core.gram_spectrum over lora_gram), bit for bit, and the lean host path of gradgeom.lora."""
 
 import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import requires_cuda
 from gradgeom import _lora_core as core
@@ -158,6 +159,74 @@ def test_tolerances_come_from_the_native_library():
     assert 0 < tol["chol_fp64"] < tol["chol_fp32"] < 1 and 0 < tol["cond_fp64"] < tol["cond_fp32"] < 1
 
 
+# --- gradgeom.lora on top of the composites ------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["uniform", "ragged", "mixed_fp64", "wide_ragged", "zero", "r0_mixed"])
+def test_lora_api_bits_match_python_path(name):
+    Bs, As = case(name, "cpu")
+    pairs = list(zip(Bs, As))
+    sv, _, fro = python_path(Bs, As, False)
+    s = [0.5, -2.0, 1.0, 3.0, 0.25, 1.5][: len(pairs)]
+    for got, row, B, si in zip(lora.delta_svdvals(pairs, scaling=s, method="gram"), sv, Bs, s):
+        assert_same_bits(got, (row * abs(si))[: B.shape[1]])
+    scale = torch.tensor([abs(x) for x in s], dtype=torch.float64)
+    assert_same_bits(lora.delta_norm(pairs, scaling=s), fro * scale)
+    if sv.shape[1]:
+        assert_same_bits(lora.delta_norm(pairs, ord=2, method="gram"), sv[:, 0])
+        assert_same_bits(lora.delta_norm(pairs, ord="nuc", method="gram"), sv.sum(-1))
+    geo = lora.geometry({str(i): p for i, p in enumerate(pairs)}, method="gram")
+    for i, B in enumerate(Bs):
+        g = geo[str(i)]
+        assert_same_bits(g.svdvals, sv[i, : B.shape[1]])
+        assert g.fro == fro[i].item() and g.route == "gram"
+
+
+def test_auto_recomputes_only_flagged_adapters_exactly():
+    Bs, As = case("rank_deficient", "cpu")
+    pairs = list(zip(Bs, As))
+    gram = lora.delta_svdvals(pairs, method="gram")
+    auto = lora.delta_svdvals(pairs, method="auto")
+    assert_same_bits(auto[1], gram[1])  # well conditioned: the Gram route's values
+    for i in (0, 2):
+        assert_same_bits(auto[i], core.qr_svdvals(Bs[i], As[i]))
+    assert [g.route for g in lora.geometry(pairs).values()] == ["qr", "gram", "qr"]
+
+
+class _OpLog(TorchDispatchMode):
+    """The ops that Python dispatches (not those a native composite issues from C++)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def test_list_of_pairs_costs_one_native_call():
+    Bs, As = case("ragged", "cpu")
+    pairs = list(zip(Bs, As))
+    with _OpLog() as log:
+        lora.delta_norm(pairs)
+    assert log.ops == ["gradgeom.lora_fro"]
+    with _OpLog() as log:
+        lora.delta_svdvals(pairs, method="gram")
+    assert log.ops[0] == "gradgeom.lora_svdvals" and log.ops.count("gradgeom.lora_svdvals") == 1
+    assert not any(op.startswith(("gradgeom.lora_gram", "gradgeom.psd_cholesky", "aten.linalg")) for op in log.ops)
+
+
+def test_bad_pairs_still_name_the_pair():
+    B, A = torch.randn(5, 3), torch.randn(3, 4)
+    with pytest.raises(ValueError, match=r"delta_svdvals: inner dimension r differs for pair 1"):
+        lora.delta_svdvals([(B, A), (B, torch.randn(2, 4))], method="gram")
+    with pytest.raises(ValueError, match=r"delta_norm: pair\[0\] must hold 2-D factors"):
+        lora.delta_norm([(B[None], A)])
+    with pytest.raises(TypeError, match=r"delta_norm: A\[1\] must be a torch.Tensor, got str"):
+        lora.delta_norm([(B, A), (B, "A")])
+
+
 # --- CUDA ----------------------------------------------------------------------------------------
 
 
@@ -170,3 +239,21 @@ def test_cuda_bits_match_python_path(name):
         for g, r in zip(got, python_path(Bs, As, flag_ill)):
             assert_same_bits(g, r)
     assert_same_bits(lora_ops.lora_fro(Bs, As), python_path(Bs, As, False)[2])
+
+
+@requires_cuda
+def test_cuda_lora_paths_do_not_synchronise():
+    uniform = [(rand((4096, 16), torch.bfloat16, "cuda"), rand((16, 4096), torch.bfloat16, "cuda")) for _ in range(4)]
+    Bs, As = case("mixed_fp64", "cuda")  # ragged dtype flags: one asynchronous upload
+    mixed = list(zip(Bs, As)) + list(zip(*case("wide_ragged", "cuda")))  # ragged structural ranks too
+    lora.delta_svdvals(mixed, method="gram")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for pairs in (uniform, mixed):
+            lora.delta_svdvals(pairs, method="gram")
+            lora.delta_norm(pairs)
+            lora.delta_norm(pairs, ord="nuc", method="gram", scaling=[2.0] * len(pairs))
+        lora_ops.lora_svdvals(*map(list, zip(*mixed)))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
