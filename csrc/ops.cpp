@@ -1,6 +1,8 @@
-// Every gradgeom operator schema, in one place. Kernels live in cpu/<op>.cpp and cuda/<op>.cu;
-// the Python wrappers and fake (meta) implementations live in gradgeom/ops.py.
+// Every gradgeom operator schema, in one place. Kernels live in cpu/<op>.cpp and cuda/<op>.cu,
+// device-generic composites of other ops in lora_composite.cpp; the Python wrappers and fake (meta) implementations live in gradgeom/ops.py and gradgeom/lora_ops.py.
 #include <torch/library.h>
+
+#include "gradgeom/lora_tolerances.h"
 
 #ifdef GRADGEOM_PYTHON_MODULE
 #include <Python.h>
@@ -33,6 +35,15 @@ TORCH_LIBRARY(gradgeom, m) {
   // Returns float64 F [batch, n, n] with F·Fᵀ = A (diagonally pivoted Cholesky; stops when the
   // largest remaining pivot is <= tol·max(diag A), so F has A's numerical rank).
   m.def("psd_cholesky(Tensor A, float tol) -> Tensor");
+  // Bs, As as lora_gram. Returns float64 [n]: ‖B_i·A_i‖_F (no scaling), from the Gram matrices.
+  m.def("lora_fro(Tensor[] Bs, Tensor[] As) -> Tensor");
+  // Bs, As as lora_gram, R = max r_i <= 1024. The Gram route of gradgeom.lora in one call:
+  // returns (float64 [n, R] singular values of B_i·A_i (no scaling), descending, exactly 0 at and
+  // beyond min(d_i, k_i, r_i); bool [n] adapters the Gram route cannot resolve (all false unless
+  // flag_ill); float64 [n] ‖B_i·A_i‖_F).
+  m.def("lora_svdvals(Tensor[] Bs, Tensor[] As, bool flag_ill) -> (Tensor, Tensor, Tensor)");
+  // The Gram route's tolerances (lora_tolerances.h): [chol fp32, chol fp64, cond fp32, cond fp64].
+  m.def("_lora_tolerances() -> float[]", [] { return gradgeom::lora_tolerances(); });
   // gradgeom-schemas: each new op adds its m.def line above this comment.
 }
 

@@ -17,15 +17,12 @@ import torch
 
 from gradgeom import lora_ops
 
-# An adapter is "ill-conditioned" for the Gram route when its smallest structural eigenvalue of
-# M falls below TOL·‖G_B‖_F·‖G_A‖_F (the eigenvalue error of M is about u·that product, u the
-# accumulation precision). Below it, σ_min would carry more than ~1 % relative error.
-COND_TOL_FP32 = 1e-4
-COND_TOL_FP64 = 1e-10
-# Pivoted Cholesky of G_B stops at pivots below CHOL_TOL·max(diag G_B): about the rounding noise
-# of the Gram matrix (pivots made of noise would amplify it).
-CHOL_TOL_FP32 = 1e-6
-CHOL_TOL_FP64 = 1e-14
+# The Gram route's tolerances, defined once in C++ (csrc/include/gradgeom/lora_tolerances.h
+# says what they bound) and shared with the native lora_svdvals: pivoted Cholesky of G_B stops
+# at pivots below CHOL_TOL·max(diag G_B); an adapter is ill-conditioned when its smallest
+# structural eigenvalue of M is below COND_TOL·‖G_B‖_F·‖G_A‖_F (rounded to float32).
+CHOL_TOL_FP32, CHOL_TOL_FP64, COND_TOL_FP32, COND_TOL_FP64 = map(
+    lora_ops.lora_tolerances().__getitem__, ("chol_fp32", "chol_fp64", "cond_fp32", "cond_fp64"))
 # Numerical rank on the exact (float64 QR) route: σ > RANK_TOL·σ_max.
 RANK_TOL = 1e-10
 
@@ -133,7 +130,9 @@ def _ill(mu: torch.Tensor, gb: torch.Tensor, ga: torch.Tensor, srank: Rank, fp64
 def gram_spectrum(
     gb: torch.Tensor, ga: torch.Tensor, srank: Rank, fp64: Flags, kinds: tuple[bool, bool], flag_ill: bool = True
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Eigenvalues σ²/s² of every ΔW from its Gram matrices.
+    """Eigenvalues σ²/s² of every ΔW from its Gram matrices: the Python statement of the native
+    :func:`gradgeom.lora_ops.lora_svdvals` (``sv = mu.sqrt()``), which issues the same ops in the
+    same order from C++ and is tested against this for identical bits.
 
     Args:
         gb, ga: float64 ``[n, R, R]`` Gram matrices (zero-padded).

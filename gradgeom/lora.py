@@ -12,8 +12,9 @@ Functional API (``from gradgeom import lora``):
 All of it costs O((d + k)·r²) per adapter and never allocates a d×k buffer: one native launch
 (:func:`gradgeom.lora_ops.lora_gram`) forms every BᵀB and A·Aᵀ, then a batched float64 r×r stage
 (pivoted PSD Cholesky, then one-block-per-matrix Householder + bisection eigenvalues on CUDA, or
-LAPACK on CPU)
-gives the spectrum. The Gram
+LAPACK on CPU) gives the spectrum. Norms and spectra of a list of pairs cost one native call
+(:func:`gradgeom.lora_ops.lora_fro`, :func:`gradgeom.lora_ops.lora_svdvals`), which issues
+those steps from C++, and little Python work per pair. The Gram
 route squares the condition number; ``method="auto"`` detects adapters whose small singular
 values it cannot resolve (≈1 % accuracy bound) and recomputes those exactly (float64 thin QR of B
 and Aᵀ, then an r×r SVD). ``"auto"`` reads that flag from the device once (a host
@@ -170,11 +171,12 @@ def _scale(x: torch.Tensor, s: Union[float, torch.Tensor]) -> torch.Tensor:
     return x * s.reshape(s.shape + (1,) * (x.dim() - 1))
 
 
-def _gram(batch: _Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """The native Gram launch; on bad input, the Python checks name the offending pair."""
+def _native(batch: _Batch, op: Any, *args: Any) -> Any:
+    """``op(batch.Bs, batch.As, *args)``, a native op over the factor lists, for a batch that
+    :func:`_needs_grad` cleared (so no autograd graph forms); on bad input, the Python checks
+    name the offending pair."""
     try:
-        with torch.no_grad():
-            return torch.ops.gradgeom.lora_gram(batch.Bs, batch.As)
+        return op(batch.Bs, batch.As, *args)
     except (ValueError, TypeError, RuntimeError):
         if batch.lead is None:
             _validate_pairs(batch.op, list(zip(batch.Bs, batch.As)))
@@ -189,11 +191,13 @@ def _check_method(op: str, method: str) -> None:
 def _needs_grad(batch: _Batch) -> bool:
     if not torch.is_grad_enabled():
         return False
-    if any(map(_requires_grad, batch.Bs)) or any(map(_requires_grad, batch.As)):
-        if batch.lead is None:
-            _validate_pairs(batch.op, list(zip(batch.Bs, batch.As)))
-        return True
-    return False
+    try:
+        grad = any(map(_requires_grad, batch.Bs)) or any(map(_requires_grad, batch.As))
+    except AttributeError:  # a factor that is not a tensor (the fast path of _normalize checks B only)
+        grad = True
+    if grad and batch.lead is None:
+        _validate_pairs(batch.op, list(zip(batch.Bs, batch.As)))
+    return grad
 
 
 @dataclass
@@ -241,28 +245,32 @@ def _shape_info(Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor], device: 
     return _Shapes(pick("srank"), pick("fp64"), ranks, kinds, pick("rank") if with_rank else None)
 
 
-@torch.no_grad()
-def _unscaled_svdvals(
-    batch: _Batch, method: str, grams: Optional[tuple[torch.Tensor, torch.Tensor]] = None
-) -> tuple[torch.Tensor, list[int], _Shapes]:
-    """σ(B·A) ``[n, R]`` descending zero-padded (float64 on the device, no autograd), the
-    adapters that took the exact route (host list), and the shape information."""
-    gb, ga = _gram(batch) if grams is None else grams
-    info = _shape_info(batch.Bs, batch.As, batch.device)
-    mu, ill = core.gram_spectrum(gb, ga, info.srank, info.fp64, info.kinds, flag_ill=method == "auto")
-    sv = mu.sqrt()
-    if method == "qr":
-        redo = list(range(len(batch.Bs)))
-    elif method == "auto":
-        redo = ill.nonzero().flatten().tolist()  # the one host read of "auto"
-    else:
-        redo = []
-    for i in redo:
-        if core.finite(batch.Bs[i], batch.As[i]):
-            sv[i, : info.ranks[i]] = core.qr_svdvals(batch.Bs[i], batch.As[i])
-        else:
-            sv[i, : info.ranks[i]] = float("nan")
-    return sv, redo, info
+def _exact_rows(Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor], method: str, sv: torch.Tensor, ill: torch.Tensor) -> list[int]:
+    """Recompute by the exact route, in place, the rows of the Gram-route ``sv [n, R]`` that
+    ``method`` asks for (``"auto"``: those flagged in ``ill [n]``); returns their indices."""
+    if method == "gram":
+        return []
+    redo = list(range(len(Bs))) if method == "qr" else ill.nonzero().flatten().tolist()  # the one host read of "auto"
+    with torch.no_grad():
+        for i in redo:
+            r = Bs[i].shape[1]
+            sv[i, :r] = core.qr_svdvals(Bs[i], As[i]) if core.finite(Bs[i], As[i]) else float("nan")
+    return redo
+
+
+def _unscaled_svdvals(batch: _Batch, method: str) -> torch.Tensor:
+    """σ(B·A) ``[n, R]`` descending zero-padded, float64 on the device, no autograd: one native
+    call (:func:`gradgeom.lora_ops.lora_svdvals`), then the exact route where ``method`` asks."""
+    sv, ill, _ = _native(batch, torch.ops.gradgeom.lora_svdvals, method == "auto")
+    _exact_rows(batch.Bs, batch.As, method, sv, ill)
+    return sv
+
+
+def _ranks_if_ragged(Bs: Sequence[torch.Tensor], R: int) -> Optional[list[int]]:
+    """None when every factor B ``[d, r]`` has r = R, else the list of r."""
+    if all(shape[1] == R for shape in set(map(_shape, Bs))):  # few distinct shapes
+        return None
+    return [b.shape[1] for b in Bs]
 
 
 def _reshape_out(batch: _Batch, x: torch.Tensor) -> torch.Tensor:
@@ -324,9 +332,9 @@ def delta_norm(
             out = torch.stack(vals)
         return _reshape_out(batch, _scale(out, s))
     if ord == "fro":
-        out = core.fro_sq(*_gram(batch)).sqrt()
+        out = _native(batch, torch.ops.gradgeom.lora_fro)
     else:
-        sv, _, _ = _unscaled_svdvals(batch, method)
+        sv = _unscaled_svdvals(batch, method)
         if sv.shape[-1] == 0:
             out = sv.new_zeros(sv.shape[0])
         else:
@@ -363,16 +371,17 @@ def delta_svdvals(
         r = batch.stacked[0].shape[-1]
         if not batch.Bs:
             return torch.zeros(batch.lead + (r,), dtype=torch.float64, device=batch.device)
-        sv, _, _ = _unscaled_svdvals(batch, method)
+        sv = _unscaled_svdvals(batch, method)
         return _reshape_out(batch, _scale(sv[:, :r], s))
     if not batch.Bs:
         return []
-    sv, _, info = _unscaled_svdvals(batch, method)
+    sv = _unscaled_svdvals(batch, method)
     rows = _scale(sv, s).unbind(0)
     R = sv.shape[-1]
-    if info.ranks.count(R) == len(rows):  # uniform r: the rows as they are
+    ranks = _ranks_if_ragged(batch.Bs, R)
+    if ranks is None:  # uniform r: the rows as they are
         return list(rows)
-    return [row if r == R else row[:r] for row, r in zip(rows, info.ranks)]
+    return [row if r == R else row[:r] for row, r in zip(rows, ranks)]
 
 
 # --- per-adapter reports ------------------------------------------------------------------------
@@ -439,11 +448,12 @@ def _as_found(obj: Any, adapter_name: Optional[str], op: str) -> list[FoundAdapt
     return out
 
 
-def _checked_gram(op: str, found: Sequence[FoundAdapter]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The native Gram launch over found adapters; on bad input, name the offending adapter."""
+def _checked_native(op: str, found: Sequence[FoundAdapter], native: Any, *args: Any) -> Any:
+    """``native(Bs, As, *args)`` over the found adapters' factors (no autograd); on bad input,
+    name the offending adapter."""
     try:
         with torch.no_grad():
-            return torch.ops.gradgeom.lora_gram([f.B for f in found], [f.A for f in found])
+            return native(list(map(_B, found)), list(map(_A, found)), *args)
     except (ValueError, TypeError, RuntimeError):
         for f in found:
             _check_pair(f"{op}: {f.name!r}", None, f.B, f.A, two_d=True)
@@ -555,13 +565,13 @@ def geometry(
     out: dict[str, AdapterGeometry] = {}
     for device, idx in _by_device(found).items():
         sub = [found[i] for i in idx]
-        grams = _checked_gram("geometry", sub)
-        batch = _Batch([f.B for f in sub], [f.A for f in sub], None, None, 1.0, device, "geometry")
-        sv, redo, info = _unscaled_svdvals(batch, method, grams)
+        sv, ill, fro_unscaled = _checked_native("geometry", sub, torch.ops.gradgeom.lora_svdvals, method == "auto")
+        redo = _exact_rows(list(map(_B, sub)), list(map(_A, sub)), method, sv, ill)
+        ranks = [f.B.shape[1] for f in sub]
         n, R = sv.shape
         with torch.no_grad():
             s = core.uniform_or_device([abs(f.scaling) for f in sub], torch.float64, device)
-            parts = [_scale(sv, s).flatten(), _scale(core.fro_sq(*grams).sqrt(), s)]
+            parts = [_scale(sv, s).flatten(), _scale(fro_unscaled, s)]
             wnorm, slots = _base_norms(sub, device)
             if wnorm is not None:
                 parts.append(wnorm)
@@ -569,11 +579,11 @@ def geometry(
         svh = host[: n * R].view(n, R)
         tail = host[n * R :].tolist()
         fro, wn = tail[:n], tail[n:]
-        stats = _stats_by_rank(svh, fro, info.ranks)
+        stats = _stats_by_rank(svh, fro, ranks)
         rows = svh.unbind(0)
         redo = set(redo)
         for j, f in enumerate(sub):
-            r = info.ranks[j]
+            r = ranks[j]
             spectral, nuclear, stable, erank = stats[j]
             w = None if slots[j] is None else wn[slots[j]]
             rel = None if w is None else (fro[j] / w if w > 0 else (0.0 if fro[j] == 0 else math.inf))
@@ -688,7 +698,7 @@ def principal_angles(
         n = len(sel)
         both = (f1 + g1) if len(groups) == 1 else [f for f, _ in sel] + [g for _, g in sel]
         Bs, As = list(map(_B, both)), list(map(_A, both))
-        gb, ga = _checked_gram("principal_angles", both)
+        gb, ga = _checked_native("principal_angles", both, torch.ops.gradgeom.lora_gram)
         with torch.no_grad():
             info = _shape_info(Bs, As, device, with_rank=method == "auto")
             R = gb.shape[-1]

@@ -3,7 +3,9 @@
 ``lora_gram`` computes the r×r Gram matrices of many LoRA factors in one launch;
 ``sym_eigh`` is a batched symmetric eigen-solver (one block per matrix on CUDA: Householder +
 bisection for eigenvalues only, Jacobi with eigenvectors) that stays fast for r up to 256.
-Float64 twins with the same signatures live in :mod:`gradgeom.reference`.
+``lora_fro`` and ``lora_svdvals`` are native composites of these: the whole Gram route of
+:mod:`gradgeom.lora` in one call, for a fraction of the host time of the same ops from Python.
+Float64 twins of the kernels with the same signatures live in :mod:`gradgeom.reference`.
 """
 
 from __future__ import annotations
@@ -14,18 +16,24 @@ import torch
 
 from gradgeom import _native  # noqa: F401  (registers torch.ops.gradgeom)
 
-__all__ = ["lora_gram", "psd_cholesky", "sym_eigh"]
+__all__ = ["lora_fro", "lora_gram", "lora_svdvals", "lora_tolerances", "psd_cholesky", "sym_eigh"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def _check_factor_lists(Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor]) -> tuple[list, list]:
+def _factor_lists(op: str, Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor]) -> tuple[list, list]:
+    """The two factor sequences as lists of equal length (the native ops check the factors)."""
     for name, seq in (("Bs", Bs), ("As", As)):
         if isinstance(seq, torch.Tensor) or not isinstance(seq, (list, tuple)):
-            raise TypeError(f"lora_gram: {name} must be a list or tuple of tensors, got {type(seq).__name__}")
+            raise TypeError(f"{op}: {name} must be a list or tuple of tensors, got {type(seq).__name__}")
     Bs, As = list(Bs), list(As)
     if len(Bs) != len(As):
-        raise ValueError(f"lora_gram: Bs and As must have the same length, got {len(Bs)} B factors and {len(As)} A factors")
+        raise ValueError(f"{op}: Bs and As must have the same length, got {len(Bs)} B factors and {len(As)} A factors")
+    return Bs, As
+
+
+def _check_factor_lists(Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor]) -> tuple[list, list]:
+    Bs, As = _factor_lists("lora_gram", Bs, As)
     for i, (B, A) in enumerate(zip(Bs, As)):
         for name, t, want in (("Bs", B, "[d, r]"), ("As", A, "[r, k]")):
             if not isinstance(t, torch.Tensor):
@@ -70,6 +78,64 @@ def lora_gram(
         empty = torch.zeros((0, 0, 0), dtype=torch.float64, device=device)
         return empty, empty.clone()
     return torch.ops.gradgeom.lora_gram(Bs, As)
+
+
+def lora_fro(
+    Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor], *, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """‖Bᵢ·Aᵢ‖_F of a ragged list of LoRA adapters (no scaling), without forming Bᵢ·Aᵢ.
+
+    Args:
+        Bs, As, device: as :func:`lora_gram`.
+
+    Returns:
+        float64 ``[n]`` on the factors' device: √max(Σ G_B∘G_A, 0) from the Gram matrices of one
+        :func:`lora_gram` launch, all in one native call. Never synchronises with the GPU.
+    """
+    Bs, As = _factor_lists("lora_fro", Bs, As)
+    if not Bs:
+        return torch.zeros(0, dtype=torch.float64, device=device)
+    return torch.ops.gradgeom.lora_fro(Bs, As)
+
+
+def lora_svdvals(
+    Bs: Sequence[torch.Tensor],
+    As: Sequence[torch.Tensor],
+    *,
+    flag_ill: bool = True,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Singular values of every Bᵢ·Aᵢ by the Gram route, in one native call (no scaling).
+
+    The steps of :func:`gradgeom._lora_core.gram_spectrum`, issued from C++ with the same ops in
+    the same order (so the same bits): :func:`lora_gram`, pivoted :func:`psd_cholesky` of G_B
+    at each adapter's noise floor (:func:`lora_tolerances`), the eigenvalues of Lᵀ·G_A·L
+    (LAPACK on the CPU, :func:`sym_eigh` on CUDA), their square roots. Never synchronises with
+    the GPU: ragged per-adapter ranks and dtype flags go up in one asynchronous copy.
+
+    Args:
+        Bs, As, device: as :func:`lora_gram`; r_i <= 1024.
+        flag_ill: compute the ill-conditioning flags (else they are all False).
+
+    Returns:
+        ``(sv, ill, fro)`` on the factors' device: float64 ``[n, R]`` (``R = max r_i``) the
+        singular values, descending, exactly 0 at and beyond min(d_i, k_i, r_i); bool ``[n]``
+        adapters whose smallest singular value the Gram route cannot resolve to ~1 %; float64
+        ``[n]`` ‖Bᵢ·Aᵢ‖_F as :func:`lora_fro`.
+    """
+    Bs, As = _factor_lists("lora_svdvals", Bs, As)
+    if not Bs:
+        return (torch.zeros((0, 0), dtype=torch.float64, device=device), torch.zeros(0, dtype=torch.bool, device=device),
+                torch.zeros(0, dtype=torch.float64, device=device))
+    return torch.ops.gradgeom.lora_svdvals(Bs, As, bool(flag_ill))
+
+
+def lora_tolerances() -> dict[str, float]:
+    """The Gram route's tolerances, defined once in C++ (``lora_tolerances.h``): ``chol_fp32``,
+    ``chol_fp64`` (pivoted Cholesky cut, relative to max diag G_B) and ``cond_fp32``,
+    ``cond_fp64`` (ill-conditioning bound, relative to ‖G_B‖_F·‖G_A‖_F), by the accumulation
+    precision of each adapter's Gram matrices (fp64 when both factors are float64)."""
+    return dict(zip(("chol_fp32", "chol_fp64", "cond_fp32", "cond_fp64"), torch.ops.gradgeom._lora_tolerances()))
 
 
 def _check_square_batch(op: str, A: torch.Tensor) -> None:
@@ -131,22 +197,43 @@ def _psd_cholesky_fake(A, tol):
     return A.new_empty(A.shape, dtype=torch.float64)
 
 
-@torch.library.register_fake("gradgeom::lora_gram")
-def _lora_gram_fake(Bs, As):
-    torch._check(len(Bs) == len(As), lambda: "lora_gram: Bs and As must have the same length")
+def _fake_factor_lists(op: str, Bs, As):
+    """(n, R = max r_i, device) of checked factor lists, for the fake implementations."""
+    torch._check(len(Bs) == len(As), lambda: f"{op}: Bs and As must have the same length")
     n = len(Bs)
     R = 0
     for i, (B, A) in enumerate(zip(Bs, As)):
-        torch._check(B.dim() == 2 and A.dim() == 2, lambda: f"lora_gram: Bs[{i}] and As[{i}] must be 2-D")
-        torch._check(B.shape[1] == A.shape[0], lambda: f"lora_gram: inner dimension r differs for adapter {i}")
+        torch._check(B.dim() == 2 and A.dim() == 2, lambda: f"{op}: Bs[{i}] and As[{i}] must be 2-D")
+        torch._check(B.shape[1] == A.shape[0], lambda: f"{op}: inner dimension r differs for adapter {i}")
         if B.device != Bs[0].device or A.device != Bs[0].device:
-            raise ValueError(f"lora_gram: all factors must be on one device: adapter {i} is on {B.device}/{A.device} "
+            raise ValueError(f"{op}: all factors must be on one device: adapter {i} is on {B.device}/{A.device} "
                              f"but Bs[0] is on {Bs[0].device}")
         R = torch.sym_max(R, B.shape[1])
-    device = Bs[0].device if n else torch.device("cpu")
+    return n, R, (Bs[0].device if n else torch.device("cpu"))
+
+
+@torch.library.register_fake("gradgeom::lora_gram")
+def _lora_gram_fake(Bs, As):
+    n, R, device = _fake_factor_lists("lora_gram", Bs, As)
     return (
         torch.empty((n, R, R), dtype=torch.float64, device=device),
         torch.empty((n, R, R), dtype=torch.float64, device=device),
+    )
+
+
+@torch.library.register_fake("gradgeom::lora_fro")
+def _lora_fro_fake(Bs, As):
+    n, _, device = _fake_factor_lists("lora_fro", Bs, As)
+    return torch.empty((n,), dtype=torch.float64, device=device)
+
+
+@torch.library.register_fake("gradgeom::lora_svdvals")
+def _lora_svdvals_fake(Bs, As, flag_ill):
+    n, R, device = _fake_factor_lists("lora_svdvals", Bs, As)
+    return (
+        torch.empty((n, R), dtype=torch.float64, device=device),
+        torch.empty((n,), dtype=torch.bool, device=device),
+        torch.empty((n,), dtype=torch.float64, device=device),
     )
 
 
