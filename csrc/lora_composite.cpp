@@ -1,5 +1,5 @@
-// The native composites of gradgeom.lora: lora_fro (‖B·A‖_F) and lora_svdvals (the Gram-route
-// spectrum) of many adapters in one call. One device-generic kernel each, registered for CPU and
+// The native composites of gradgeom.lora: lora_fro (‖B·A‖_F), lora_svdvals (the Gram-route
+// spectrum) and lora_principal_angles (the Gram-route subspace angles) of many adapters in one call. One device-generic kernel each, registered for CPU and
 // CUDA: lora_gram, psd_cholesky and sym_eigh through the dispatcher, then ATen ops; step by step
 // the ops of gradgeom._lora_core.gram_spectrum (psd_factor, eigh, _beyond_rank, _ill) in the same
 // order, so the bits are those of the Python composition at a fraction of its host time.
@@ -10,13 +10,20 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/arange.h>
+#include <ATen/ops/arccos.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
+#include <ATen/ops/full_like.h>
 #include <ATen/ops/isfinite.h>
+#include <ATen/ops/linalg_eigh.h>
 #include <ATen/ops/linalg_eigvalsh.h>
 #include <ATen/ops/linalg_matrix_norm.h>
+#include <ATen/ops/linalg_svdvals.h>
 #include <ATen/ops/matmul.h>
+#include <ATen/ops/minimum.h>
 #include <ATen/ops/scalar_tensor.h>
+#include <ATen/ops/stack.h>
 #include <ATen/ops/where.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
@@ -48,6 +55,13 @@ at::Tensor psd_cholesky(const at::Tensor& A, double tol) {
                              .findSchemaOrThrow("gradgeom::psd_cholesky", "")
                              .typed<at::Tensor(const at::Tensor&, double)>();
   return op.call(A, tol);
+}
+
+std::tuple<at::Tensor, at::Tensor> sym_eigh(const at::Tensor& A, bool vectors) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("gradgeom::sym_eigh", "")
+                             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, bool)>();
+  return op.call(A, vectors);
 }
 
 at::Tensor sym_eigvalsh(const at::Tensor& A) {
@@ -201,17 +215,161 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_svdvals(at::TensorList Bs, a
   return {mu.sqrt(), flag_ill ? ill_conditioned(mu, gb, ga, s) : none_ill, fro};
 }
 
+
+// --- principal angles (gradgeom.lora.principal_angles, method "gram") ----------------------------
+
+// _lora_core.eigh(x, vectors=True): eigenvalues ascending and eigenvectors; LAPACK on the CPU with
+// NaN for matrices that hold a non-finite entry, sym_eigh (Jacobi) elsewhere.
+std::tuple<at::Tensor, at::Tensor> eigh_vectors(const at::Tensor& x) {
+  if (!x.is_cpu()) return sym_eigh(x, /*vectors=*/true);
+  const at::Tensor ok = at::isfinite(x).flatten(1).all(1);
+  const at::Tensor safe = at::where(ok.view({-1, 1, 1}), x, at::zeros({}, x.options()));
+  const auto [w, V] = at::linalg_eigh(safe);
+  const at::Tensor nan = at::full({}, std::numeric_limits<double>::quiet_NaN(), x.options());
+  return {at::where(ok.view({-1, 1}), w, nan), at::where(ok.view({-1, 1, 1}), V, nan)};
+}
+
+// _lora_core._beyond_rank(x, srank, False) for a bool x [n, R].
+at::Tensor keep_below_rank(at::Tensor x, const PerAdapter& srank) {
+  const int64_t R = x.size(-1);
+  if (srank.uniform()) {
+    if (srank.value < R) x.narrow(1, srank.value, R - srank.value).fill_(false);
+    return x;
+  }
+  const at::Tensor idx = at::arange(R, srank.device.options());
+  return at::where(idx < srank.device.unsqueeze(-1), x, at::zeros({}, x.options()));
+}
+
+// _lora_core.gram_bases: coefficients T [n, R, R] of orthonormal bases U = B·T of the column
+// spaces, the numerical ranks [n], and (flag_ill) the adapters the Gram route cannot resolve.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gram_bases(const at::Tensor& gb, const at::Tensor& ga,
+                                                          const Structure& s, const PerAdapter& rank, bool flag_ill) {
+  const auto [lam_raw, V] = eigh_vectors(gb);
+  const at::Tensor lam_b = lam_raw.clamp_min(0);
+  const at::Tensor F = V * lam_b.sqrt().unsqueeze(-2);
+  const at::Tensor x = at::matmul(at::matmul(F.mT(), ga), F);
+  const auto [mu_raw, W_raw] = eigh_vectors((x + x.mT()) * 0.5);
+  const at::Tensor mu = mu_raw.clamp_min(0).flip(-1);
+  const at::Tensor W = W_raw.flip(-1);
+  const at::Tensor keep = keep_below_rank(mu > 0, s.srank);
+  const at::Tensor inv = at::where(lam_b > 0, lam_b.clamp_min(1e-300).rsqrt(), at::scalar_tensor(0.0, lam_b.options()));
+  const at::Tensor T = at::matmul(V * inv.unsqueeze(-2), W * keep.unsqueeze(-2));
+  if (!flag_ill) return {T, keep.sum(-1), at::Tensor()};
+  at::Tensor ill = ill_conditioned(mu, gb, ga, s);
+  const at::Tensor live = mu.select(1, 0) > 0;
+  if (!s.srank.uniform() || !rank.uniform()) {  // r > min(d, k): the Gram route's basis is not unique
+    const at::Tensor sr = s.srank.uniform() ? at::full_like(rank.device, s.srank.value) : s.srank.device;
+    const at::Tensor r = rank.uniform() ? at::full_like(sr, rank.value) : rank.device;
+    ill = ill | ((sr < r) & live);
+  } else if (s.srank.value < rank.value) {
+    ill = ill | live;
+  }
+  return {T, keep.sum(-1), ill};
+}
+
+// _lora_core.cosines: singular values of C [n, p, q] descending in [0, 1]; on CUDA the square
+// roots of the eigenvalues of CᵀC, on the CPU LAPACK's SVD (NaN where C holds a non-finite entry).
+at::Tensor cosines(const at::Tensor& C) {
+  at::Tensor s;
+  if (!C.is_cpu()) {
+    const at::Tensor g = at::matmul(C.mT(), C);
+    s = sym_eigvalsh(((g + g.mT()) * 0.5).contiguous()).clamp_min(0).sqrt().flip(-1);
+  } else {
+    const at::Tensor ok = at::isfinite(C).flatten(1).all(1);
+    s = at::linalg_svdvals(at::where(ok.view({-1, 1, 1}), C, at::zeros({}, C.options())));
+    s = at::where(ok.view({-1, 1}), s, at::full({}, std::numeric_limits<double>::quiet_NaN(), s.options()));
+  }
+  return s.clamp(0.0, 1.0);
+}
+
+// lora._cross_grams: float64 [n, R, R] with B1ᵢᵀ·B2ᵢ in the top-left corner; one product per
+// group of equal shapes.
+at::Tensor cross_grams(at::TensorList Bs, int64_t n, int64_t R) {
+  const auto opts = Bs[0].options().dtype(at::kDouble);
+  bool one_shape = Bs[0].size(1) == R;
+  for (const at::Tensor& B : Bs) one_shape = one_shape && B.sizes() == Bs[0].sizes();
+  if (one_shape) {
+    const at::Tensor S = at::stack(Bs).to(at::kDouble);
+    return at::matmul(S.narrow(0, 0, n).mT(), S.narrow(0, n, n));
+  }
+  at::Tensor out = at::zeros({n, R, R}, opts);
+  std::vector<std::pair<std::vector<int64_t>, std::vector<int64_t>>> keys;  // (shape of B1, shape of B2)
+  std::vector<std::vector<int64_t>> members;
+  for (int64_t i = 0; i < n; ++i) {
+    std::pair<std::vector<int64_t>, std::vector<int64_t>> key{Bs[i].sizes().vec(), Bs[n + i].sizes().vec()};
+    const auto it = std::find(keys.begin(), keys.end(), key);
+    if (it == keys.end()) {
+      keys.push_back(key);
+      members.push_back({i});
+    } else {
+      members[it - keys.begin()].push_back(i);
+    }
+  }
+  for (size_t g = 0; g < keys.size(); ++g) {
+    std::vector<at::Tensor> xs, ys;
+    for (const int64_t i : members[g]) {
+      xs.push_back(Bs[i]);
+      ys.push_back(Bs[n + i]);
+    }
+    const at::Tensor prod = at::matmul(at::stack(xs).to(at::kDouble).mT(), at::stack(ys).to(at::kDouble));
+    const at::Tensor idx = to_device({&members[g]}, static_cast<int64_t>(members[g].size()), out.device()).select(0, 0);
+    out.narrow(1, 0, keys[g].first[1]).narrow(2, 0, keys[g].second[1]).index_copy_(0, idx, prod);
+  }
+  return out;
+}
+
+// Bs = (B1_0 .. B1_{n-1}, B2_0 .. B2_{n-1}), As likewise: angles between the column spaces of
+// B1ᵢ·A1ᵢ and B2ᵢ·A2ᵢ. Returns float64 [n, K + 4] (+1 column with flag_ill): the angles (radians,
+// ascending, 0 beyond min(rank1, rank2)), then the Grassmann distance, rank1, rank2, a nonzero
+// value where a Gram matrix holds Inf/NaN, and (flag_ill) 1 where either side needs the exact route.
+at::Tensor lora_principal_angles(at::TensorList Bs, at::TensorList As, bool flag_ill) {
+  check_lora_factors("lora_principal_angles", Bs, As);
+  GG_CHECK_VALUE(Bs.size() % 2 == 0, "lora_principal_angles: Bs must hold the first and then the second adapters "
+                 "(an even count), got ", Bs.size());
+  const int64_t n = static_cast<int64_t>(Bs.size()) / 2;
+  for (int64_t i = 0; i < n; ++i)
+    GG_CHECK_VALUE(Bs[i].size(0) == Bs[n + i].size(0), "lora_principal_angles: adapter ", i,
+                   ": column spaces live in different dimensions d = ", Bs[i].size(0), " and ", Bs[n + i].size(0));
+  const int64_t extra = flag_ill ? 5 : 4;
+  if (n == 0) return at::zeros({0, extra}, at::TensorOptions().dtype(at::kDouble));
+  const Structure s = structure(Bs, As);
+  GG_CHECK_VALUE(s.max_rank <= kSmallMatrixMaxSize, "lora_principal_angles: ranks above ", kSmallMatrixMaxSize,
+                 " are not supported, got r = ", s.max_rank);
+  PerAdapter rank;  // r per adapter (only for the flags)
+  if (flag_ill) {
+    std::vector<int64_t> r(2 * n);
+    for (int64_t i = 0; i < 2 * n; ++i) r[i] = Bs[i].size(1);
+    rank.value = r[0];
+    if (std::count(r.begin(), r.end(), r[0]) != 2 * n) rank.device = to_device({&r}, 2 * n, Bs[0].device()).select(0, 0);
+  }
+  const auto [gb, ga] = lora_gram(Bs, As);
+  const int64_t R = gb.size(-1);
+  const auto [T, rk, ill] = gram_bases(gb, ga, s, rank, flag_ill);
+  const at::Tensor nonfinite = (gb * 0 + ga * 0).sum(at::IntArrayRef{-2, -1});
+  const at::Tensor X = cross_grams(Bs, n, R);
+  const at::Tensor cos = cosines(at::matmul(at::matmul(T.narrow(0, 0, n).mT(), X), T.narrow(0, n, n)));
+  const int64_t K = cos.size(-1);
+  const at::Tensor r1 = rk.narrow(0, 0, n), r2 = rk.narrow(0, n, n);
+  const at::Tensor live = at::arange(K, rk.options()) < at::minimum(r1, r2).unsqueeze(-1);
+  const at::Tensor theta = at::where(live, at::arccos(cos), at::scalar_tensor(0.0, cos.options()));
+  std::vector<at::Tensor> cols{theta.square().sum(-1).sqrt(), r1, r2, nonfinite.narrow(0, 0, n) + nonfinite.narrow(0, n, n)};
+  if (flag_ill) cols.push_back(ill.narrow(0, 0, n) | ill.narrow(0, n, n));
+  return at::cat({theta, at::stack(cols, 1)}, 1);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(gradgeom, CPU, m) {
   m.impl("lora_fro", &lora_fro);
   m.impl("lora_svdvals", &lora_svdvals);
+  m.impl("lora_principal_angles", &lora_principal_angles);
 }
 
 #ifdef GRADGEOM_WITH_CUDA
 TORCH_LIBRARY_IMPL(gradgeom, CUDA, m) {
   m.impl("lora_fro", &lora_fro);
   m.impl("lora_svdvals", &lora_svdvals);
+  m.impl("lora_principal_angles", &lora_principal_angles);
 }
 #endif
 

@@ -43,6 +43,11 @@ TORCH_LIBRARY(gradgeom, m) {
   // flag_ill); float64 [n] ‖B_i·A_i‖_F).
   m.def("lora_svdvals(Tensor[] Bs, Tensor[] As, bool flag_ill) -> (Tensor, Tensor, Tensor)");
   // The Gram route's tolerances (lora_tolerances.h): [chol fp32, chol fp64, cond fp32, cond fp64].
+  // Bs/As: the first adapters' factors, then the second's (2n of each, as lora_gram takes them).
+  // Returns float64 [n, R + 4 (+1 with flag_ill)]: principal angles between the column spaces of
+  // B1ᵢ·A1ᵢ and B2ᵢ·A2ᵢ by the Gram route (ascending, 0 beyond the smaller rank), Grassmann
+  // distance, both numerical ranks, a non-finite marker, (flag_ill) the exact-route flag.
+  m.def("lora_principal_angles(Tensor[] Bs, Tensor[] As, bool flag_ill) -> Tensor");
   m.def("_lora_tolerances() -> float[]", [] { return gradgeom::lora_tolerances(); });
   // gradgeom-schemas: each new op adds its m.def line above this comment.
 }

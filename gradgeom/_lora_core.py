@@ -11,7 +11,9 @@ of B and Aᵀ in float64, then the SVD of R_B·R_Aᵀ.
 
 from __future__ import annotations
 
-from typing import Optional, Union
+import operator
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -25,6 +27,11 @@ CHOL_TOL_FP32, CHOL_TOL_FP64, COND_TOL_FP32, COND_TOL_FP64 = map(
     lora_ops.lora_tolerances().__getitem__, ("chol_fp32", "chol_fp64", "cond_fp32", "cond_fp64"))
 # Numerical rank on the exact (float64 QR) route: σ > RANK_TOL·σ_max.
 RANK_TOL = 1e-10
+
+_shape = operator.attrgetter("shape")
+_dtype = operator.attrgetter("dtype")
+_first = operator.itemgetter(0)
+_second = operator.itemgetter(1)
 
 # Per-adapter quantities known on the host: one Python value when every adapter shares it (no
 # device tensor, no upload), else a device tensor ``[n]``.
@@ -258,3 +265,67 @@ def cosines(C: torch.Tensor) -> torch.Tensor:
         s = torch.linalg.svdvals(torch.where(ok[:, None, None], C, torch.zeros((), dtype=C.dtype)))
         s = torch.where(ok[:, None], s, torch.full((), float("nan"), dtype=s.dtype))
     return s.clamp(0.0, 1.0)
+
+
+@dataclass
+class Shapes:
+    """What the r×r stage needs to know about each adapter, known on the host. Per-adapter values
+    are one Python value when every adapter shares it, else a device tensor ``[n]``; all the device
+    tensors of one call come from a single upload."""
+
+    srank: Rank               # structural rank min(d, k, r)
+    fp64: Flags               # both factors float64 (Grams accumulated in fp64)
+    ranks: list[int]               # r per adapter (host)
+    kinds: tuple[bool, bool]       # (any fp64 adapter, any non-fp64 adapter)
+    rank: Optional[Rank]      # r per adapter, when asked for (else None)
+
+
+def shape_info(Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor], device: torch.device, with_rank: bool = False) -> Shapes:
+    if not Bs:
+        return Shapes(0, False, [], (False, True), 0 if with_rank else None)
+    bshapes, ashapes = list(map(_shape, Bs)), list(map(_shape, As))
+    ranks = list(map(_second, bshapes))
+    if min(min(map(_first, bshapes)), min(map(_second, ashapes))) >= max(ranks):
+        sranks = ranks  # r <= min(d, k) everywhere (the usual case)
+    else:
+        sranks = [min(b[0], a[1], b[1]) for b, a in zip(bshapes, ashapes)]
+    bd, ad = set(map(_dtype, Bs)), set(map(_dtype, As))
+    if torch.float64 not in bd or torch.float64 not in ad:
+        flags: Union[bool, list[bool]] = False
+    elif len(bd) == 1 and len(ad) == 1:
+        flags = True
+    else:
+        flags = [b.dtype == torch.float64 and a.dtype == torch.float64 for b, a in zip(Bs, As)]
+        flags = flags[0] if flags.count(flags[0]) == len(flags) else flags
+    kinds = (flags is not False, flags is not True)  # a list here is mixed
+    # Ragged values: one int64 upload for all of them.
+    rows = {"srank": sranks, "fp64": flags, "rank": ranks if with_rank else None}
+    ragged = {k: v for k, v in rows.items() if isinstance(v, list) and v.count(v[0]) != len(v)}
+    up = dict(zip(ragged, to_device(list(ragged.values()), torch.int64, device).unbind(0))) if ragged else {}
+
+    def pick(key):
+        v = rows[key]
+        if key in up:
+            return up[key].bool() if key == "fp64" else up[key]
+        return v[0] if isinstance(v, list) else v
+
+    return Shapes(pick("srank"), pick("fp64"), ranks, kinds, pick("rank") if with_rank else None)
+
+
+def cross_grams(B1: list[torch.Tensor], B2: list[torch.Tensor], R: int, device: torch.device) -> torch.Tensor:
+    """float64 ``[n, R, R]`` with B1ᵢᵀ·B2ᵢ in the top-left corner; one bmm per shape group. With
+    :func:`gram_bases` and :func:`cosines`, the Python statement of :func:`gradgeom.lora_ops.lora_principal_angles` (tested for identical bits)."""
+    shapes = set(map(_shape, B1 + B2))
+    if len(shapes) == 1 and next(iter(shapes))[1] == R:  # one shape: one stack, one bmm
+        S = torch.stack(B1 + B2).to(torch.float64)
+        n = len(B1)
+        return S[:n].mT @ S[n:]
+    out = torch.zeros((len(B1), R, R), dtype=torch.float64, device=device)
+    groups: dict[tuple, list[int]] = {}
+    for i, (x, y) in enumerate(zip(B1, B2)):
+        groups.setdefault((tuple(x.shape), tuple(y.shape)), []).append(i)
+    for (sx, sy), idx in groups.items():
+        X = torch.stack([B1[i] for i in idx]).to(torch.float64)
+        Y = torch.stack([B2[i] for i in idx]).to(torch.float64)
+        out[idx, : sx[1], : sy[1]] = X.mT @ Y
+    return out

@@ -54,7 +54,6 @@ Pair = tuple[torch.Tensor, torch.Tensor]
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _METHODS = ("auto", "gram", "qr")
 _shape = operator.attrgetter("shape")
-_dtype = operator.attrgetter("dtype")
 _device = operator.attrgetter("device")
 _requires_grad = operator.attrgetter("requires_grad")
 _first = operator.itemgetter(0)
@@ -198,51 +197,6 @@ def _needs_grad(batch: _Batch) -> bool:
     if grad and batch.lead is None:
         _validate_pairs(batch.op, list(zip(batch.Bs, batch.As)))
     return grad
-
-
-@dataclass
-class _Shapes:
-    """What the r×r stage needs to know about each adapter, known on the host. Per-adapter values
-    are one Python value when every adapter shares it, else a device tensor ``[n]``; all the device
-    tensors of one call come from a single upload."""
-
-    srank: core.Rank               # structural rank min(d, k, r)
-    fp64: core.Flags               # both factors float64 (Grams accumulated in fp64)
-    ranks: list[int]               # r per adapter (host)
-    kinds: tuple[bool, bool]       # (any fp64 adapter, any non-fp64 adapter)
-    rank: Optional[core.Rank]      # r per adapter, when asked for (else None)
-
-
-def _shape_info(Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor], device: torch.device, with_rank: bool = False) -> _Shapes:
-    if not Bs:
-        return _Shapes(0, False, [], (False, True), 0 if with_rank else None)
-    bshapes, ashapes = list(map(_shape, Bs)), list(map(_shape, As))
-    ranks = list(map(_second, bshapes))
-    if min(min(map(_first, bshapes)), min(map(_second, ashapes))) >= max(ranks):
-        sranks = ranks  # r <= min(d, k) everywhere (the usual case)
-    else:
-        sranks = [min(b[0], a[1], b[1]) for b, a in zip(bshapes, ashapes)]
-    bd, ad = set(map(_dtype, Bs)), set(map(_dtype, As))
-    if torch.float64 not in bd or torch.float64 not in ad:
-        flags: Union[bool, list[bool]] = False
-    elif len(bd) == 1 and len(ad) == 1:
-        flags = True
-    else:
-        flags = [b.dtype == torch.float64 and a.dtype == torch.float64 for b, a in zip(Bs, As)]
-        flags = flags[0] if flags.count(flags[0]) == len(flags) else flags
-    kinds = (flags is not False, flags is not True)  # a list here is mixed
-    # Ragged values: one int64 upload for all of them.
-    rows = {"srank": sranks, "fp64": flags, "rank": ranks if with_rank else None}
-    ragged = {k: v for k, v in rows.items() if isinstance(v, list) and v.count(v[0]) != len(v)}
-    up = dict(zip(ragged, core.to_device(list(ragged.values()), torch.int64, device).unbind(0))) if ragged else {}
-
-    def pick(key):
-        v = rows[key]
-        if key in up:
-            return up[key].bool() if key == "fp64" else up[key]
-        return v[0] if isinstance(v, list) else v
-
-    return _Shapes(pick("srank"), pick("fp64"), ranks, kinds, pick("rank") if with_rank else None)
 
 
 def _exact_rows(Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor], method: str, sv: torch.Tensor, ill: torch.Tensor) -> list[int]:
@@ -623,24 +577,6 @@ def snapshot(model_or_pairs: Union[nn.Module, dict, Sequence], *, adapter_name: 
     return {f.name: (f.B.detach().clone(), f.A.detach().clone()) for f in found}
 
 
-def _cross_grams(B1: list[torch.Tensor], B2: list[torch.Tensor], R: int, device: torch.device) -> torch.Tensor:
-    """float64 ``[n, R, R]`` with B1ᵢᵀ·B2ᵢ in the top-left corner; one bmm per shape group."""
-    shapes = set(map(_shape, B1 + B2))
-    if len(shapes) == 1 and next(iter(shapes))[1] == R:  # one shape: one stack, one bmm
-        S = torch.stack(B1 + B2).to(torch.float64)
-        n = len(B1)
-        return S[:n].mT @ S[n:]
-    out = torch.zeros((len(B1), R, R), dtype=torch.float64, device=device)
-    groups: dict[tuple, list[int]] = {}
-    for i, (x, y) in enumerate(zip(B1, B2)):
-        groups.setdefault((tuple(x.shape), tuple(y.shape)), []).append(i)
-    for (sx, sy), idx in groups.items():
-        X = torch.stack([B1[i] for i in idx]).to(torch.float64)
-        Y = torch.stack([B2[i] for i in idx]).to(torch.float64)
-        out[idx, : sx[1], : sy[1]] = X.mT @ Y
-    return out
-
-
 def _rows(t: torch.Tensor) -> int:
     return t.shape[0]
 
@@ -697,24 +633,10 @@ def principal_angles(
         sel = pairs if len(groups) == 1 else [pairs[i] for i in idx]
         n = len(sel)
         both = (f1 + g1) if len(groups) == 1 else [f for f, _ in sel] + [g for _, g in sel]
-        Bs, As = list(map(_B, both)), list(map(_A, both))
-        gb, ga = _checked_native("principal_angles", both, torch.ops.gradgeom.lora_gram)
-        with torch.no_grad():
-            info = _shape_info(Bs, As, device, with_rank=method == "auto")
-            R = gb.shape[-1]
-            T, rank, ill = core.gram_bases(gb, ga, info.srank, info.fp64, info.rank)
-            # 0 where every Gram entry is finite, NaN where one is not (x·0 is NaN only for Inf/NaN).
-            nonfinite = (gb * 0 + ga * 0).sum((-2, -1))
-            X = _cross_grams(Bs[:n], Bs[n:], R, device)
-            cos = core.cosines(T[:n].mT @ X @ T[n:])
-            K = cos.shape[-1]
-            m = torch.minimum(rank[:n], rank[n:])
-            live = torch.arange(K, device=device) < m.unsqueeze(-1)
-            theta = torch.where(live, torch.arccos(cos), 0.0)  # ascending
-            cols = [theta.square().sum(-1).sqrt(), rank[:n], rank[n:], nonfinite[:n] + nonfinite[n:]]
-            if ill is not None:
-                cols.append(ill[:n] | ill[n:])
-            host = torch.cat([theta, torch.stack(cols, 1)], 1).cpu()  # the one read back
+        # One native call: Grams, factored bases, cosines (the steps of _lora_core.gram_bases and
+        # cosines), then the one read back.
+        host = _checked_native("principal_angles", both, torch.ops.gradgeom.lora_principal_angles, method == "auto").cpu()
+        K = host.shape[1] - (5 if method == "auto" else 4)
         thetas = host[:, :K].unbind(0)
         rows = host[:, K:].tolist()
         dist, r1s, r2s, bads = list(zip(*rows))[:4] if rows else ([], [], [], [])
@@ -728,7 +650,7 @@ def principal_angles(
         for j, ((f, g), row) in enumerate(zip(sel, rows)):
             dist, r1, r2, bad = row[0], int(row[1]), int(row[2]), row[3] != 0
             if bad:  # non-finite factors: NaN angles, never silently 0
-                r1, r2 = info.ranks[j], info.ranks[n + j]
+                r1, r2 = f.B.shape[1], g.B.shape[1]
                 th = torch.full((min(r1, r2),), math.nan, dtype=torch.float64)
                 out[f.name] = PrincipalAngles(th, math.nan, r1, r2, "gram")
             elif method == "qr" or (method == "auto" and row[4]):

@@ -3,8 +3,9 @@
 ``lora_gram`` computes the r×r Gram matrices of many LoRA factors in one launch;
 ``sym_eigh`` is a batched symmetric eigen-solver (one block per matrix on CUDA: Householder +
 bisection for eigenvalues only, Jacobi with eigenvectors) that stays fast for r up to 256.
-``lora_fro`` and ``lora_svdvals`` are native composites of these: the whole Gram route of
-:mod:`gradgeom.lora` in one call, for a fraction of the host time of the same ops from Python.
+``lora_fro``, ``lora_svdvals`` and ``lora_principal_angles`` are native composites of these: the
+whole Gram route of :mod:`gradgeom.lora` in one call, for a fraction of the host time of the same
+ops from Python.
 Float64 twins of the kernels with the same signatures live in :mod:`gradgeom.reference`.
 """
 
@@ -16,7 +17,7 @@ import torch
 
 from gradgeom import _native  # noqa: F401  (registers torch.ops.gradgeom)
 
-__all__ = ["lora_fro", "lora_gram", "lora_svdvals", "lora_tolerances", "psd_cholesky", "sym_eigh"]
+__all__ = ["lora_fro", "lora_gram", "lora_principal_angles", "lora_svdvals", "lora_tolerances", "psd_cholesky", "sym_eigh"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -130,6 +131,41 @@ def lora_svdvals(
     return torch.ops.gradgeom.lora_svdvals(Bs, As, bool(flag_ill))
 
 
+def lora_principal_angles(
+    first: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    second: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    flag_ill: bool = True,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Principal angles between the column spaces of Bᵢ·Aᵢ in ``first`` and in ``second`` (pairs
+    matched by position, same d), by the Gram route, in one native call.
+
+    The steps of :func:`gradgeom._lora_core.gram_bases` and :func:`gradgeom._lora_core.cosines`
+    (with ``lora._cross_grams``), issued from C++ with the same ops in the same order: one
+    :func:`lora_gram` launch over both lists, factored orthonormal bases U = B·T, the cosines
+    σ(T₁ᵀ·B₁ᵀB₂·T₂). Never synchronises with the GPU.
+
+    Args:
+        first, second: ``n`` pairs ``(B [d_i, r_i], A [r_i, k_i])`` each, all on one device.
+        flag_ill: also return the column that flags pairs the Gram route cannot resolve.
+        device: where the (empty) result lives when the lists are empty.
+
+    Returns:
+        float64 ``[n, R + 4]`` (``R + 5`` with ``flag_ill``; R the largest rank): the angles in
+        radians, ascending, 0 beyond the smaller numerical rank; then the Grassmann distance, the
+        numerical ranks of both sides, a value that is nonzero (or NaN) where a Gram matrix holds
+        Inf/NaN, and (``flag_ill``) 1.0 where either side needs the exact route.
+    """
+    if len(first) != len(second):
+        raise ValueError(f"lora_principal_angles: first and second must have the same length, got {len(first)} and {len(second)}")
+    Bs, As = _factor_lists("lora_principal_angles", [p[0] for p in first] + [p[0] for p in second],
+                           [p[1] for p in first] + [p[1] for p in second])
+    if not Bs:
+        return torch.zeros((0, 5 if flag_ill else 4), dtype=torch.float64, device=device)
+    return torch.ops.gradgeom.lora_principal_angles(Bs, As, bool(flag_ill))
+
+
 def lora_tolerances() -> dict[str, float]:
     """The Gram route's tolerances, defined once in C++ (``lora_tolerances.h``): ``chol_fp32``,
     ``chol_fp64`` (pivoted Cholesky cut, relative to max diag G_B) and ``cond_fp32``,
@@ -235,6 +271,13 @@ def _lora_svdvals_fake(Bs, As, flag_ill):
         torch.empty((n,), dtype=torch.bool, device=device),
         torch.empty((n,), dtype=torch.float64, device=device),
     )
+
+
+@torch.library.register_fake("gradgeom::lora_principal_angles")
+def _lora_principal_angles_fake(Bs, As, flag_ill):
+    torch._check(len(Bs) % 2 == 0, lambda: "lora_principal_angles: Bs must hold an even count of factors")
+    n2, R, device = _fake_factor_lists("lora_principal_angles", Bs, As)
+    return torch.empty((n2 // 2, R + (5 if flag_ill else 4)), dtype=torch.float64, device=device)
 
 
 @torch.library.register_fake("gradgeom::sym_eigh")

@@ -19,7 +19,7 @@ def rand(shape, dtype, device, scale=1.0):
 def python_path(Bs, As, flag_ill):
     """What gradgeom.lora computed before the native composite: ``(sv, ill, fro)``."""
     gb, ga = lora_ops.lora_gram(Bs, As)
-    info = lora._shape_info(Bs, As, gb.device)
+    info = core.shape_info(Bs, As, gb.device)
     mu, ill = core.gram_spectrum(gb, ga, info.srank, info.fp64, info.kinds, flag_ill=flag_ill)
     if ill is None:
         ill = torch.zeros(len(Bs), dtype=torch.bool, device=gb.device)
