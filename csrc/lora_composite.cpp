@@ -5,8 +5,10 @@
 // order, so the bits are those of the Python composition at a fraction of its host time.
 // Never synchronises with the GPU: per-adapter structural ranks and dtype flags come from sizes
 // and dtypes on the host; uniform ones stay host scalars, ragged ones go to the device in one
-// asynchronous copy.
+// asynchronous copy. The results are not differentiable: the inner ops run below autograd, so
+// they record no graph and the nested lora_gram call stays unboxed.
 #include <ATen/TensorOperators.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/arange.h>
@@ -36,7 +38,6 @@
 
 #include "gradgeom/check.h"
 #include "gradgeom/device_upload.h"
-#include "gradgeom/lora_check.h"
 #include "gradgeom/lora_tolerances.h"
 #include "gradgeom/rxr_check.h"
 
@@ -194,17 +195,17 @@ at::Tensor ill_conditioned(const at::Tensor& mu, const at::Tensor& gb, const at:
 }
 
 at::Tensor lora_fro(at::TensorList Bs, at::TensorList As) {
-  check_lora_factors("lora_fro", Bs, As);
-  const auto [gb, ga] = lora_gram(Bs, As);
+  const at::AutoDispatchBelowADInplaceOrView no_autograd;
+  const auto [gb, ga] = lora_gram(Bs, As);  // checks the factors
   return fro_norm(gb, ga);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_svdvals(at::TensorList Bs, at::TensorList As, bool flag_ill) {
-  check_lora_factors("lora_svdvals", Bs, As);
+  const at::AutoDispatchBelowADInplaceOrView no_autograd;
+  const auto [gb, ga] = lora_gram(Bs, As);  // checks the factors
   const Structure s = structure(Bs, As);
   GG_CHECK_VALUE(s.max_rank <= kSmallMatrixMaxSize, "lora_svdvals: ranks above ", kSmallMatrixMaxSize,
                  " are not supported, got r = ", s.max_rank);
-  const auto [gb, ga] = lora_gram(Bs, As);
   const int64_t n = gb.size(0);
   const at::Tensor fro = fro_norm(gb, ga);
   const at::Tensor none_ill = at::zeros({n}, gb.options().dtype(at::kBool));
@@ -323,15 +324,16 @@ at::Tensor cross_grams(at::TensorList Bs, int64_t n, int64_t R) {
 // ascending, 0 beyond min(rank1, rank2)), then the Grassmann distance, rank1, rank2, a nonzero
 // value where a Gram matrix holds Inf/NaN, and (flag_ill) 1 where either side needs the exact route.
 at::Tensor lora_principal_angles(at::TensorList Bs, at::TensorList As, bool flag_ill) {
-  check_lora_factors("lora_principal_angles", Bs, As);
+  const at::AutoDispatchBelowADInplaceOrView no_autograd;
   GG_CHECK_VALUE(Bs.size() % 2 == 0, "lora_principal_angles: Bs must hold the first and then the second adapters "
                  "(an even count), got ", Bs.size());
+  const int64_t extra = flag_ill ? 5 : 4;
+  if (Bs.empty() && As.empty()) return at::zeros({0, extra}, at::TensorOptions().dtype(at::kDouble));
+  const auto [gb, ga] = lora_gram(Bs, As);  // checks the factors
   const int64_t n = static_cast<int64_t>(Bs.size()) / 2;
   for (int64_t i = 0; i < n; ++i)
     GG_CHECK_VALUE(Bs[i].size(0) == Bs[n + i].size(0), "lora_principal_angles: adapter ", i,
                    ": column spaces live in different dimensions d = ", Bs[i].size(0), " and ", Bs[n + i].size(0));
-  const int64_t extra = flag_ill ? 5 : 4;
-  if (n == 0) return at::zeros({0, extra}, at::TensorOptions().dtype(at::kDouble));
   const Structure s = structure(Bs, As);
   GG_CHECK_VALUE(s.max_rank <= kSmallMatrixMaxSize, "lora_principal_angles: ranks above ", kSmallMatrixMaxSize,
                  " are not supported, got r = ", s.max_rank);
@@ -342,7 +344,6 @@ at::Tensor lora_principal_angles(at::TensorList Bs, at::TensorList As, bool flag
     rank.value = r[0];
     if (std::count(r.begin(), r.end(), r[0]) != 2 * n) rank.device = to_device({&r}, 2 * n, Bs[0].device()).select(0, 0);
   }
-  const auto [gb, ga] = lora_gram(Bs, As);
   const int64_t R = gb.size(-1);
   const auto [T, rk, ill] = gram_bases(gb, ga, s, rank, flag_ill);
   const at::Tensor nonfinite = (gb * 0 + ga * 0).sum(at::IntArrayRef{-2, -1});

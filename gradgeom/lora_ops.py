@@ -22,34 +22,30 @@ __all__ = ["lora_fro", "lora_gram", "lora_principal_angles", "lora_svdvals", "lo
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def _factor_lists(op: str, Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor]) -> tuple[list, list]:
-    """The two factor sequences as lists of equal length (the native ops check the factors)."""
+def _check_factor_lists(op: str, Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor]) -> tuple[list, list]:
+    """The factor sequences as lists, checked with messages that name ``op`` (the native ops
+    check the same, under the name lora_gram)."""
     for name, seq in (("Bs", Bs), ("As", As)):
         if isinstance(seq, torch.Tensor) or not isinstance(seq, (list, tuple)):
             raise TypeError(f"{op}: {name} must be a list or tuple of tensors, got {type(seq).__name__}")
     Bs, As = list(Bs), list(As)
     if len(Bs) != len(As):
         raise ValueError(f"{op}: Bs and As must have the same length, got {len(Bs)} B factors and {len(As)} A factors")
-    return Bs, As
-
-
-def _check_factor_lists(Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor]) -> tuple[list, list]:
-    Bs, As = _factor_lists("lora_gram", Bs, As)
     for i, (B, A) in enumerate(zip(Bs, As)):
         for name, t, want in (("Bs", B, "[d, r]"), ("As", A, "[r, k]")):
             if not isinstance(t, torch.Tensor):
-                raise TypeError(f"lora_gram: {name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
+                raise TypeError(f"{op}: {name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
             if t.dim() != 2:
-                raise ValueError(f"lora_gram: {name}[{i}] must be 2-D {want}, got shape {tuple(t.shape)}")
+                raise ValueError(f"{op}: {name}[{i}] must be 2-D {want}, got shape {tuple(t.shape)}")
             if t.dtype not in _FLOAT_DTYPES:
-                raise TypeError(f"lora_gram: {name}[{i}] has dtype {t.dtype}; expected float32, float64, float16 or bfloat16")
+                raise TypeError(f"{op}: {name}[{i}] has dtype {t.dtype}; expected float32, float64, float16 or bfloat16")
             if t.device != Bs[0].device:
                 raise ValueError(
-                    f"lora_gram: all factors must be on one device: {name}[{i}] is on {t.device} but Bs[0] is on {Bs[0].device}"
+                    f"{op}: all factors must be on one device: {name}[{i}] is on {t.device} but Bs[0] is on {Bs[0].device}"
                 )
         if B.shape[1] != A.shape[0]:
             raise ValueError(
-                f"lora_gram: inner dimension r differs for adapter {i}: Bs[{i}] has shape {tuple(B.shape)} "
+                f"{op}: inner dimension r differs for adapter {i}: Bs[{i}] has shape {tuple(B.shape)} "
                 f"(r = {B.shape[1]}) but As[{i}] has shape {tuple(A.shape)} (r = {A.shape[0]})"
             )
     return Bs, As
@@ -74,7 +70,7 @@ def lora_gram(
         them, 16-byte aligned) go through the tensor cores: exact products, summed in fp32 per
         chunk of rows and the chunks added with IEEE rounding. Never synchronises with the GPU.
     """
-    Bs, As = _check_factor_lists(Bs, As)
+    Bs, As = _check_factor_lists("lora_gram", Bs, As)
     if not Bs:
         empty = torch.zeros((0, 0, 0), dtype=torch.float64, device=device)
         return empty, empty.clone()
@@ -93,7 +89,7 @@ def lora_fro(
         float64 ``[n]`` on the factors' device: √max(Σ G_B∘G_A, 0) from the Gram matrices of one
         :func:`lora_gram` launch, all in one native call. Never synchronises with the GPU.
     """
-    Bs, As = _factor_lists("lora_fro", Bs, As)
+    Bs, As = _check_factor_lists("lora_fro", Bs, As)
     if not Bs:
         return torch.zeros(0, dtype=torch.float64, device=device)
     return torch.ops.gradgeom.lora_fro(Bs, As)
@@ -122,9 +118,10 @@ def lora_svdvals(
         ``(sv, ill, fro)`` on the factors' device: float64 ``[n, R]`` (``R = max r_i``) the
         singular values, descending, exactly 0 at and beyond min(d_i, k_i, r_i); bool ``[n]``
         adapters whose smallest singular value the Gram route cannot resolve to ~1 %; float64
-        ``[n]`` ‖Bᵢ·Aᵢ‖_F as :func:`lora_fro`.
+        ``[n]`` ‖Bᵢ·Aᵢ‖_F as :func:`lora_fro`. Not differentiable (:mod:`gradgeom.lora` takes
+        its exact QR route when autograd needs gradients).
     """
-    Bs, As = _factor_lists("lora_svdvals", Bs, As)
+    Bs, As = _check_factor_lists("lora_svdvals", Bs, As)
     if not Bs:
         return (torch.zeros((0, 0), dtype=torch.float64, device=device), torch.zeros(0, dtype=torch.bool, device=device),
                 torch.zeros(0, dtype=torch.float64, device=device))
@@ -159,7 +156,7 @@ def lora_principal_angles(
     """
     if len(first) != len(second):
         raise ValueError(f"lora_principal_angles: first and second must have the same length, got {len(first)} and {len(second)}")
-    Bs, As = _factor_lists("lora_principal_angles", [p[0] for p in first] + [p[0] for p in second],
+    Bs, As = _check_factor_lists("lora_principal_angles", [p[0] for p in first] + [p[0] for p in second],
                            [p[1] for p in first] + [p[1] for p in second])
     if not Bs:
         return torch.zeros((0, 5 if flag_ill else 4), dtype=torch.float64, device=device)

@@ -129,22 +129,26 @@ def test_opcheck(device):
 
 @pytest.mark.parametrize("op", ["lora_svdvals", "lora_fro"])
 def test_bad_input_messages(op):
-    native = getattr(torch.ops.gradgeom, op)
-    call = (lambda Bs, As: native(Bs, As, True)) if op == "lora_svdvals" else native
+    """The typed wrapper names itself; the native op reports what its lora_gram call checks."""
+    raw = getattr(torch.ops.gradgeom, op)
+    native = (lambda Bs, As: raw(Bs, As, True)) if op == "lora_svdvals" else raw
     B, A = torch.randn(5, 3), torch.randn(3, 4)
-    with pytest.raises(ValueError, match=f"{op}: Bs and As must have the same length, got 2 B factors and 1 A factors"):
-        call([B, B], [A])
-    with pytest.raises(ValueError, match=rf"{op}: Bs\[1\] must be 2-D \[d, r\], got shape \[15\]"):
-        call([B, B.reshape(-1)], [A, A])
-    with pytest.raises(ValueError, match=rf"{op}: As\[0\] must be 2-D \[r, k\]"):
-        call([B], [A[None]])
-    with pytest.raises(ValueError, match=rf"{op}: inner dimension r differs for adapter 0: Bs\[0\] has shape \[5, 3\] "
-                                         rf"\(r = 3\) but As\[0\] has shape \[2, 4\] \(r = 2\)"):
-        call([B], [torch.randn(2, 4)])
-    with pytest.raises(TypeError, match=rf"{op}: As\[0\] has dtype Long; expected float32"):
-        call([B], [A.long()])
-    with pytest.raises(ValueError, match=rf"{op}: all factors must be on one device"):  # the fake (meta) kernel says it
-        call([B, B], [A, A.to("meta")])
+    for call, name in ((getattr(lora_ops, op), op), (native, "lora_gram")):
+        with pytest.raises(ValueError, match=f"{name}: Bs and As must have the same length, got 2 B factors and 1 A factors"):
+            call([B, B], [A])
+        with pytest.raises(ValueError, match=rf"{name}: Bs\[1\] must be 2-D \[d, r\], got shape"):
+            call([B, B.reshape(-1)], [A, A])
+        with pytest.raises(ValueError, match=rf"{name}: As\[0\] must be 2-D \[r, k\]"):
+            call([B], [A[None]])
+        with pytest.raises(ValueError, match=rf"{name}: inner dimension r differs for adapter 0: Bs\[0\] has shape .5, 3. "
+                                             rf"\(r = 3\) but As\[0\] has shape .2, 4. \(r = 2\)"):
+            call([B], [torch.randn(2, 4)])
+        with pytest.raises(TypeError, match=rf"{name}: As\[0\] has dtype .*; expected float32"):
+            call([B], [A.long()])
+    with pytest.raises(ValueError, match=rf"{op}: all factors must be on one device: As\[1\] is on meta"):
+        getattr(lora_ops, op)([B, B], [A, A.to("meta")])
+    with pytest.raises(ValueError, match=rf"{op}: all factors must be on one device"):  # the fake (meta) kernel
+        native([B, B], [A, A.to("meta")])
 
 
 def test_rank_limit_message():

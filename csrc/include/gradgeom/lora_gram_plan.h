@@ -14,8 +14,8 @@
 #include <cstdint>
 #include <vector>
 
-#include "gradgeom/lora_check.h"
 #include "gradgeom/tensor_list_plan.h"
+#include "gradgeom/check.h"
 
 namespace gradgeom {
 
@@ -49,14 +49,30 @@ inline GramJob gram_job(const at::Tensor& t, int dim_rows) {
 }
 
 inline LoraGramPlan make_lora_gram_plan(const at::TensorList& Bs, const at::TensorList& As) {
-  check_lora_factors("lora_gram", Bs, As);
+  GG_CHECK_VALUE(Bs.size() == As.size(), "lora_gram: Bs and As must have the same length, got ", Bs.size(),
+                    " B factors and ", As.size(), " A factors");
   LoraGramPlan plan;
   plan.num_adapters = static_cast<int64_t>(Bs.size());
   plan.jobs.reserve(2 * Bs.size());
   for (size_t i = 0; i < Bs.size(); ++i) {
-    plan.jobs.push_back(gram_job(Bs[i], /*dim_rows=*/0));  // BᵀB: X = B
-    plan.jobs.push_back(gram_job(As[i], /*dim_rows=*/1));  // A·Aᵀ: X = Aᵀ
-    plan.max_rank = std::max<int64_t>(plan.max_rank, Bs[i].size(1));
+    const at::Tensor& B = Bs[i];
+    const at::Tensor& A = As[i];
+    GG_CHECK_VALUE(B.defined() && A.defined(), "lora_gram: Bs[", i, "] and As[", i, "] must be tensors, not None");
+    GG_CHECK_VALUE(B.dim() == 2, "lora_gram: Bs[", i, "] must be 2-D [d, r], got shape ", B.sizes());
+    GG_CHECK_VALUE(A.dim() == 2, "lora_gram: As[", i, "] must be 2-D [r, k], got shape ", A.sizes());
+    GG_CHECK_VALUE(B.size(1) == A.size(0), "lora_gram: inner dimension r differs for adapter ", i,
+                      ": Bs[", i, "] has shape ", B.sizes(), " (r = ", B.size(1), ") but As[", i,
+                      "] has shape ", A.sizes(), " (r = ", A.size(0), ")");
+    for (const at::Tensor* t : {&B, &A}) {
+      const char* which = t == &B ? "Bs" : "As";
+      GG_CHECK_TYPE(is_supported_float(t->scalar_type()), "lora_gram: ", which, "[", i, "] has dtype ",
+                       t->scalar_type(), "; expected float32, float64, float16 or bfloat16");
+      GG_CHECK_VALUE(t->device() == Bs[0].device(), "lora_gram: all factors must be on one device: ", which,
+                        "[", i, "] is on ", t->device(), " but Bs[0] is on ", Bs[0].device());
+    }
+    plan.jobs.push_back(gram_job(B, /*dim_rows=*/0));  // BᵀB: X = B
+    plan.jobs.push_back(gram_job(A, /*dim_rows=*/1));  // A·Aᵀ: X = Aᵀ
+    plan.max_rank = std::max<int64_t>(plan.max_rank, B.size(1));
   }
   return plan;
 }
