@@ -465,3 +465,32 @@ def test_psd_cholesky_bad_input_and_opcheck(device):
         M[0, 2, 2] = bad
         F = lora_ops.psd_cholesky(M)
         assert torch.isnan(F[0]).all() and torch.isfinite(F[1]).all()
+
+
+@requires_cuda
+def test_cuda_metadata_cache_follows_data_and_streams():
+    """Kernel metadata is cached by content (pointers, shapes, strides): repeated calls on the same
+    factors reuse it, in-place changes are still seen, and another stream gets its own upload."""
+    dev = torch.device("cuda")
+    Bs = [torch.randn(300, r, device=dev, dtype=torch.bfloat16) for r in (4, 16, 33)]
+    As = [torch.randn(r, 200, device=dev, dtype=torch.bfloat16) for r in (4, 16, 33)]
+    gb1, ga1 = lora_ops.lora_gram(Bs, As)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        gb2, ga2 = lora_ops.lora_gram(Bs, As)  # same table: no upload
+        Bs[1].mul_(2)
+        gb3, _ = lora_ops.lora_gram(Bs, As)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.equal(gb1, gb2) and torch.equal(ga1, ga2)
+    torch.testing.assert_close(gb3[1], 4 * gb1[1], rtol=1e-6, atol=0)
+    assert torch.equal(gb3[0], gb1[0]) and torch.equal(gb3[2], gb1[2])
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        gb4, ga4 = lora_ops.lora_gram(Bs, As)
+    torch.cuda.current_stream().wait_stream(side)
+    assert torch.equal(gb4, gb3) and torch.equal(ga4, ga1)
+    fresh = [b.clone() for b in Bs]  # other pointers: another table
+    assert torch.equal(lora_ops.lora_gram(fresh, As)[0], gb3)

@@ -11,7 +11,7 @@
 #include <torch/library.h>
 
 #include "gradgeom/cuda_reduce.cuh"
-#include "gradgeom/device_upload.h"
+#include "gradgeom/cached_upload.cuh"
 #include "gradgeom/moments.h"
 #include "gradgeom/tensor_list_plan.h"
 #include "gradgeom/check.h"
@@ -212,10 +212,10 @@ at::Tensor group_moments_cuda(at::TensorList tensors, c10::IntArrayRef group_ids
   if (plan.num_chunks == 0) return out;
   GG_CHECK(plan.num_chunks < (int64_t(1) << 31), "group_moments: too many chunks (", plan.num_chunks, ")");
 
-  // Metadata: the tensor table, then group_chunk_begin; one pinned buffer, one async copy.
+  // Metadata: the tensor table, then group_chunk_begin; uploaded once per distinct table.
   const int64_t num_tensors = static_cast<int64_t>(plan.tensors.size());
   const int64_t words = num_tensors * 4 + num_groups + 1;
-  const at::Tensor meta = upload_words(words, dev, [&](int64_t* host) {
+  const at::Tensor meta = cached_upload_words(words, dev, [&](int64_t* host) {
     auto* table = reinterpret_cast<DeviceTensor*>(host);
     for (int64_t i = 0; i < num_tensors; ++i) {
       const PlannedTensor& p = plan.tensors[i];

@@ -26,7 +26,7 @@
 
 #include "gradgeom/check.h"
 #include "gradgeom/cuda_reduce.cuh"
-#include "gradgeom/device_upload.h"
+#include "gradgeom/cached_upload.cuh"
 #include "gradgeom/lora_gram_plan.h"
 #include "gradgeom/mma_gram.cuh"
 
@@ -328,12 +328,13 @@ std::tuple<at::Tensor, at::Tensor> lora_gram_cuda(at::TensorList Bs, at::TensorL
   mma_units.insert(mma_units.end(), wide_units.begin(), wide_units.end());  // narrow first, then wide
   const int64_t narrow = static_cast<int64_t>(mma_units.size() - wide_units.size());
 
-  // One upload: jobs, CUDA-core units, tensor-core units, merge list (int32 pairs per word).
+  // One upload (reused while the factors stay in place): jobs, CUDA-core units, tensor-core
+  // units, merge list (int32 pairs per word).
   const int64_t job_words = num_jobs * 8;
   const int64_t unit_words = 2 * static_cast<int64_t>(units.size());
   const int64_t mma_words = 2 * static_cast<int64_t>(mma_units.size());
   const int64_t merge_words = (static_cast<int64_t>(merge_jobs.size()) + 1) / 2;
-  const at::Tensor meta = upload_words(job_words + unit_words + mma_words + merge_words, dev, [&](int64_t* host) {
+  const at::Tensor meta = cached_upload_words(job_words + unit_words + mma_words + merge_words, dev, [&](int64_t* host) {
     std::memcpy(host, jobs.data(), job_words * sizeof(int64_t));
     if (!units.empty()) std::memcpy(host + job_words, units.data(), units.size() * sizeof(DeviceGramUnit));
     if (!mma_units.empty())

@@ -22,7 +22,7 @@
 #include <tuple>
 
 #include "gradgeom/cuda_reduce.cuh"
-#include "gradgeom/device_upload.h"
+#include "gradgeom/cached_upload.cuh"
 #include "gradgeom/moments.h"
 #include "gradgeom/sketch_hash.h"
 #include "gradgeom/sketch_plan.h"
@@ -314,10 +314,10 @@ std::tuple<at::Tensor, at::Tensor> sketch_moments_cuda(at::TensorList tensors, c
   if (plan.num_chunks == 0) return {moments, sketch};
   GG_CHECK(plan.num_chunks < (int64_t(1) << 31), "sketch_moments: too many chunks (", plan.num_chunks, ")");
 
-  // Metadata: the tensor table, then group_chunk_begin; one pinned buffer, one async copy.
+  // Metadata: the tensor table, then group_chunk_begin; uploaded once per distinct table.
   const int64_t num_tensors = static_cast<int64_t>(plan.tensors.size());
   const int64_t words = num_tensors * 6 + num_groups + 1;
-  const at::Tensor meta = upload_words(words, dev, [&](int64_t* host) {
+  const at::Tensor meta = cached_upload_words(words, dev, [&](int64_t* host) {
     auto* table = reinterpret_cast<SketchDeviceTensor*>(host);
     for (int64_t i = 0; i < num_tensors; ++i) {
       const SketchPlannedTensor& p = plan.tensors[i];
