@@ -55,6 +55,7 @@ _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _METHODS = ("auto", "gram", "qr")
 _shape = operator.attrgetter("shape")
 _device = operator.attrgetter("device")
+_get_device = operator.methodcaller("get_device")
 _requires_grad = operator.attrgetter("requires_grad")
 _first = operator.itemgetter(0)
 _B = operator.attrgetter("B")
@@ -405,12 +406,17 @@ def _as_found(obj: Any, adapter_name: Optional[str], op: str) -> list[FoundAdapt
 def _checked_native(op: str, found: Sequence[FoundAdapter], native: Any, *args: Any) -> Any:
     """``native(Bs, As, *args)`` over the found adapters' factors (no autograd); on bad input,
     name the offending adapter."""
+    return _checked_native_lists(op, list(map(_name, found)), list(map(_B, found)), list(map(_A, found)), native, *args)
+
+
+def _checked_native_lists(op: str, names: Sequence[str], Bs: list, As: list, native: Any, *args: Any) -> Any:
+    """:func:`_checked_native` on parallel lists of names and factors."""
     try:
         with torch.no_grad():
-            return native(list(map(_B, found)), list(map(_A, found)), *args)
+            return native(Bs, As, *args)
     except (ValueError, TypeError, RuntimeError):
-        for f in found:
-            _check_pair(f"{op}: {f.name!r}", None, f.B, f.A, two_d=True)
+        for name, B, A in zip(names, Bs, As):
+            _check_pair(f"{op}: {name!r}", None, B, A, two_d=True)
         raise
 
 
@@ -577,14 +583,50 @@ def snapshot(model_or_pairs: Union[nn.Module, dict, Sequence], *, adapter_name: 
     return {f.name: (f.B.detach().clone(), f.A.detach().clone()) for f in found}
 
 
-def _rows(t: torch.Tensor) -> int:
-    return t.shape[0]
+def _named_pairs(obj: Any, adapter_name: Optional[str], op: str) -> tuple[list[str], list, list]:
+    """``(names, Bs, As)`` of a snapshot, dict or list of ``(B, A)`` pairs, read off directly (no
+    :class:`FoundAdapter` per pair); models and ``(B, A, scaling)`` entries go through
+    :func:`_as_found`."""
+    values = None
+    if isinstance(obj, dict):
+        values = list(obj.values())
+    elif isinstance(obj, (list, tuple)):
+        values = list(obj)
+    if values and set(map(type, values)) <= {tuple, list} and set(map(len, values)) == {2}:
+        if isinstance(obj, dict):
+            keys = list(obj)
+            names = keys if set(map(type, keys)) == {str} else [k if type(k) is str else str(k) for k in keys]
+        else:
+            names = list(map(str, range(len(values))))
+        return names, list(map(_first, values)), list(map(_second, values))
+    found = _as_found(obj, adapter_name, op)
+    return list(map(_name, found)), list(map(_B, found)), list(map(_A, found))
 
 
-def _same_tensor_attrs(xs: list, ys: list, attr: Any) -> bool:
-    """True when xs and ys are all tensors and attr(x) == attr(y) pairwise (False: look closer)."""
-    types = set(map(type, xs)) | set(map(type, ys))
-    return all(issubclass(t, torch.Tensor) for t in types) and list(map(attr, xs)) == list(map(attr, ys))
+def _all_tensors(*seqs: list) -> bool:
+    return all(issubclass(t, torch.Tensor) for seq in seqs for t in set(map(type, seq)))
+
+
+def _angle_groups(names: list[str], B1: list, A1: list, B2: list, A2: list, strict: bool = False) -> dict[torch.device, list[int]]:
+    """Indices of the pairs per device. The usual case (every B a tensor, one device index) is
+    read off cheaply and the native op checks the rest (A's devices, d); otherwise, or with
+    ``strict`` (to name the pair behind a native error), each pair is checked: tensors, one device,
+    the same d."""
+    if not strict and _all_tensors(B1, B2) and len(set(map(_get_device, B1 + B2))) == 1:
+        return {B1[0].device: list(range(len(names)))} if names else {}
+    groups: dict[torch.device, list[int]] = {}
+    for i, name in enumerate(names):
+        for B, A in ((B1[i], A1[i]), (B2[i], A2[i])):
+            if not isinstance(B, torch.Tensor) or not isinstance(A, torch.Tensor):
+                _check_pair(f"principal_angles: {name!r}", None, B, A, two_d=True)
+            if A.device != B.device:
+                raise ValueError(f"principal_angles: {name!r}: B is on {B.device} but A is on {A.device}")
+        if B1[i].shape[0] != B2[i].shape[0]:
+            raise ValueError(f"principal_angles: {name}: column spaces live in different dimensions d = {B1[i].shape[0]} and {B2[i].shape[0]}")
+        if B1[i].device != B2[i].device:
+            raise ValueError(f"principal_angles: {name}: the two updates are on {B1[i].device} and {B2[i].device}")
+        groups.setdefault(B1[i].device, []).append(i)
+    return groups
 
 
 def principal_angles(
@@ -611,57 +653,58 @@ def principal_angles(
         route) are not resolved: cos θ is 1 to that precision.
     """
     _check_method("principal_angles", method)
-    f1 = _as_found(first, adapter_name, "principal_angles")
-    found2 = _as_found(second, adapter_name, "principal_angles")
-    names = list(map(_name, f1))
-    f2 = dict(zip(map(_name, found2), found2))
-    if not f2.keys() >= set(names):
-        missing = [name for name in names if name not in f2]
-        raise ValueError(f"principal_angles: {len(missing)} adapters of `first` are missing in `second`, e.g. {missing[:3]}")
-    g1 = list(map(f2.__getitem__, names))
-    pairs = list(zip(f1, g1))
-    B1, B2 = list(map(_B, f1)), list(map(_B, g1))
-    if not (_same_tensor_attrs(B1, B2, _device) and _same_tensor_attrs(B1, B2, _rows)):
-        for f, g in pairs:  # find the first offending pair
-            if f.B.shape[0] != g.B.shape[0]:
-                raise ValueError(f"principal_angles: {f.name}: column spaces live in different dimensions d = {f.B.shape[0]} and {g.B.shape[0]}")
-            if f.B.device != g.B.device:
-                raise ValueError(f"principal_angles: {f.name}: the two updates are on {f.B.device} and {g.B.device}")
+    names, B1, A1 = _named_pairs(first, adapter_name, "principal_angles")
+    names2, B2, A2 = _named_pairs(second, adapter_name, "principal_angles")
+    if names2 != names:  # match by name
+        where = dict(zip(names2, range(len(names2))))
+        if not where.keys() >= set(names):
+            missing = [name for name in names if name not in where]
+            raise ValueError(f"principal_angles: {len(missing)} adapters of `first` are missing in `second`, e.g. {missing[:3]}")
+        idx2 = list(map(where.__getitem__, names))
+        B2, A2 = [B2[i] for i in idx2], [A2[i] for i in idx2]
     out: dict[str, PrincipalAngles] = {}
-    groups = _by_device(f1)
-    for device, idx in groups.items():
-        sel = pairs if len(groups) == 1 else [pairs[i] for i in idx]
+    groups = _angle_groups(names, B1, A1, B2, A2)
+    for idx in groups.values():
+        one = len(groups) == 1
+        sel = names if one else [names[i] for i in idx]
         n = len(sel)
-        both = (f1 + g1) if len(groups) == 1 else [f for f, _ in sel] + [g for _, g in sel]
+        Bs = (B1 + B2) if one else [B1[i] for i in idx] + [B2[i] for i in idx]
+        As = (A1 + A2) if one else [A1[i] for i in idx] + [A2[i] for i in idx]
         # One native call: Grams, factored bases, cosines (the steps of _lora_core.gram_bases and
         # cosines), then the one read back.
-        host = _checked_native("principal_angles", both, torch.ops.gradgeom.lora_principal_angles, method == "auto").cpu()
+        try:
+            host = _checked_native_lists("principal_angles", sel + sel, Bs, As, torch.ops.gradgeom.lora_principal_angles,
+                                         method == "auto").cpu()
+        except (ValueError, TypeError, RuntimeError):
+            _angle_groups(names, B1, A1, B2, A2, strict=True)  # name the offending pair
+            raise
         K = host.shape[1] - (5 if method == "auto" else 4)
         thetas = host[:, :K].unbind(0)
-        rows = host[:, K:].tolist()
-        dist, r1s, r2s, bads = list(zip(*rows))[:4] if rows else ([], [], [], [])
+        cols = host[:, K:].t().tolist()
+        dist, r1s, r2s, bads = cols[:4]
         if method == "gram" and not any(bads):  # the common case: every pair on the Gram route
             r1s, r2s = list(map(int, r1s)), list(map(int, r2s))
             ks = list(map(min, r1s, r2s))
             if ks.count(K) != n:
                 thetas = [t if k == K else t[:k] for t, k in zip(thetas, ks)]
-            out.update(zip(map(_name, (f for f, _ in sel)), map(PrincipalAngles, thetas, dist, r1s, r2s, repeat("gram", n))))
+            out.update(zip(sel, map(PrincipalAngles, thetas, dist, r1s, r2s, repeat("gram", n))))
             continue
-        for j, ((f, g), row) in enumerate(zip(sel, rows)):
+        for j, (name, row) in enumerate(zip(sel, zip(*cols))):
+            b1, a1, b2, a2 = Bs[j], As[j], Bs[n + j], As[n + j]
             dist, r1, r2, bad = row[0], int(row[1]), int(row[2]), row[3] != 0
             if bad:  # non-finite factors: NaN angles, never silently 0
-                r1, r2 = f.B.shape[1], g.B.shape[1]
+                r1, r2 = b1.shape[1], b2.shape[1]
                 th = torch.full((min(r1, r2),), math.nan, dtype=torch.float64)
-                out[f.name] = PrincipalAngles(th, math.nan, r1, r2, "gram")
+                out[name] = PrincipalAngles(th, math.nan, r1, r2, "gram")
             elif method == "qr" or (method == "auto" and row[4]):
-                U1, U2 = core.qr_basis(f.B, f.A), core.qr_basis(g.B, g.A)
+                U1, U2 = core.qr_basis(b1, a1), core.qr_basis(b2, a2)
                 k = min(U1.shape[1], U2.shape[1])
                 c = torch.linalg.svdvals(U1.mT @ U2)[:k].clamp(0.0, 1.0).cpu() if k else torch.zeros(0, dtype=torch.float64)
                 th = torch.arccos(c)  # cosines descending: angles ascending
-                out[f.name] = PrincipalAngles(th, float(th.square().sum().sqrt()), U1.shape[1], U2.shape[1], "qr")
+                out[name] = PrincipalAngles(th, float(th.square().sum().sqrt()), U1.shape[1], U2.shape[1], "qr")
             else:
                 k = min(r1, r2)
-                out[f.name] = PrincipalAngles(thetas[j] if k == K else thetas[j][:k], dist, r1, r2, "gram")
+                out[name] = PrincipalAngles(thetas[j] if k == K else thetas[j][:k], dist, r1, r2, "gram")
     if len(groups) == 1:
         return out
-    return {f.name: out[f.name] for f, _ in pairs}
+    return {name: out[name] for name in names}

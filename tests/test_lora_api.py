@@ -292,6 +292,12 @@ def test_bad_input_errors():
         lora.principal_angles({"x": (B[None], A)}, {"x": (B[None], A)})
     with pytest.raises(TypeError, match="must be a torch.Tensor"):
         lora.geometry({"x": (B, "A")})
+    with pytest.raises(TypeError, match="'x'.*B must be a torch.Tensor"):
+        lora.principal_angles({"x": (B, A)}, {"x": ("B", A)})
+    with pytest.raises(TypeError, match="'y'.*must be a torch.Tensor"):
+        lora.principal_angles({"x": (B, A), "y": (B, A)}, {"x": (B, A), "y": (B, [1.0])})
+    with pytest.raises(ValueError, match="'y'.*inner dimension r"):  # named after the native op's error
+        lora.principal_angles({"x": (B, A), "y": (B, A)}, {"y": (B, torch.randn(2, 4)), "x": (B, A)})
 
 
 @requires_cuda
