@@ -71,7 +71,9 @@ __global__ void sym_eigh_kernel(const double* in, int n, int m, int ld, bool use
 }
 
 // Shared memory: tridiag workspace, rows [split, n) of the packed matrix, then the grid counts.
-__global__ void __launch_bounds__(512, 2)
+// kMaxThreads: the block size it is launched with at most (256 leaves room for 128 registers).
+template <int kMaxThreads>
+__global__ void __launch_bounds__(kMaxThreads, 2)
     sym_eigvalsh_kernel(const double* in, int n, int split, double* head_work, double* w_out) {
   extern __shared__ double smem[];
   const int64_t b = blockIdx.x;
@@ -112,11 +114,11 @@ void eigvalsh_cuda(const at::Tensor& a64, at::Tensor& w) {
   int split = 0;
   while (split < n && (block::packed_size(n) - block::packed_size(split)) * kDouble > budget) ++split;
   const int64_t dyn = fixed + (block::packed_size(n) - block::packed_size(split)) * kDouble;
-  allow_smem(sym_eigvalsh_kernel, dyn);
+  const auto kernel = threads <= 256 ? sym_eigvalsh_kernel<256> : sym_eigvalsh_kernel<512>;
+  allow_smem(kernel, dyn);
   at::Tensor head;
   if (split > 0) head = at::empty({batch, block::packed_size(split)}, a64.options());
-  sym_eigvalsh_kernel<<<static_cast<unsigned>(batch), threads, static_cast<size_t>(dyn),
-                        c10::cuda::getCurrentCUDAStream()>>>(
+  kernel<<<static_cast<unsigned>(batch), threads, static_cast<size_t>(dyn), c10::cuda::getCurrentCUDAStream()>>>(
       a64.data_ptr<double>(), n, split, split > 0 ? head.data_ptr<double>() : nullptr, w.data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -160,7 +162,8 @@ std::tuple<at::Tensor, at::Tensor> sym_eigh_cuda(const at::Tensor& A, bool vecto
 }
 
 // Shared memory: cholesky doubles workspace, the packed matrix (when it fits), the ints workspace.
-__global__ void __launch_bounds__(512, 2)
+template <int kMaxThreads>
+__global__ void __launch_bounds__(kMaxThreads, 2)
     psd_cholesky_kernel(const double* in, int n, double tol, bool use_smem, double* work, double* F) {
   extern __shared__ double smem[];
   const int64_t b = blockIdx.x;
@@ -190,13 +193,12 @@ at::Tensor psd_cholesky_cuda(const at::Tensor& A, double tol) {
   const int64_t mat_bytes = block::packed_size(n) * kDouble;
   const bool use_smem = fixed + mat_bytes <= smem_budget(A);
   const int64_t dyn = fixed + (use_smem ? mat_bytes : 0);
-  allow_smem(psd_cholesky_kernel, dyn);
+  const auto kernel = threads <= 256 ? psd_cholesky_kernel<256> : psd_cholesky_kernel<512>;
+  allow_smem(kernel, dyn);
   at::Tensor work;
   if (!use_smem) work = at::empty({batch, block::packed_size(n)}, a64.options());
-  psd_cholesky_kernel<<<static_cast<unsigned>(batch), threads, static_cast<size_t>(dyn),
-                        c10::cuda::getCurrentCUDAStream()>>>(a64.data_ptr<double>(), n, tol, use_smem,
-                                                             use_smem ? nullptr : work.data_ptr<double>(),
-                                                             F.data_ptr<double>());
+  kernel<<<static_cast<unsigned>(batch), threads, static_cast<size_t>(dyn), c10::cuda::getCurrentCUDAStream()>>>(
+      a64.data_ptr<double>(), n, tol, use_smem, use_smem ? nullptr : work.data_ptr<double>(), F.data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return F;
 }
