@@ -1,8 +1,9 @@
 // The native composites of gradgeom.lora: lora_fro (‖B·A‖_F), lora_svdvals (the Gram-route
-// spectrum) and lora_principal_angles (the Gram-route subspace angles) of many adapters in one call. One device-generic kernel each, registered for CPU and
-// CUDA: lora_gram, psd_cholesky and sym_eigh through the dispatcher, then ATen ops; step by step
-// the ops of gradgeom._lora_core.gram_spectrum (psd_factor, eigh, _beyond_rank, _ill) in the same
-// order, so the bits are those of the Python composition at a fraction of its host time.
+// spectrum) and lora_principal_angles (the Gram-route subspace angles) of many adapters in one
+// call. One device-generic kernel each, registered for CPU and CUDA: lora_gram, psd_cholesky and
+// sym_eigh through the dispatcher, then ATen ops; step by step the ops of the Python statements in
+// gradgeom._lora_core (gram_spectrum, gram_bases, cosines, cross_grams) in the same order, so the
+// bits are those of the Python composition at a fraction of its host time.
 // Never synchronises with the GPU: per-adapter structural ranks and dtype flags come from sizes
 // and dtypes on the host; uniform ones stay host scalars, ragged ones go to the device in one
 // asynchronous copy. The results are not differentiable: the inner ops run below autograd, so
@@ -65,12 +66,7 @@ std::tuple<at::Tensor, at::Tensor> sym_eigh(const at::Tensor& A, bool vectors) {
   return op.call(A, vectors);
 }
 
-at::Tensor sym_eigvalsh(const at::Tensor& A) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("gradgeom::sym_eigh", "")
-                             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, bool)>();
-  return std::get<0>(op.call(A, /*vectors=*/false));
-}
+at::Tensor sym_eigvalsh(const at::Tensor& A) { return std::get<0>(sym_eigh(A, /*vectors=*/false)); }
 
 // ‖B·A‖_F per adapter, float64 [n]: _lora_core.fro_sq, then sqrt.
 at::Tensor fro_norm(const at::Tensor& gb, const at::Tensor& ga) {
@@ -88,6 +84,7 @@ struct PerAdapter {
 struct Structure {
   PerAdapter srank;  // min(d, k, r), int64
   PerAdapter fp64;   // both factors float64 (Grams accumulated in fp64), bool on the device
+  PerAdapter rank;   // r, int64 (only when asked for)
   bool any64 = false;
   bool any32 = false;
   int64_t max_rank = 0;  // R = max r
@@ -110,28 +107,35 @@ at::Tensor to_device(const std::vector<const std::vector<int64_t>*>& rows, int64
   return flat.view({static_cast<int64_t>(rows.size()), n});
 }
 
-// gradgeom.lora._shape_info for the factor lists (already checked).
-Structure structure(at::TensorList Bs, at::TensorList As) {
+// _lora_core.shape_info for the factor lists (already checked): the ragged rows go up in one copy.
+Structure structure(at::TensorList Bs, at::TensorList As, bool with_rank = false) {
   const int64_t n = static_cast<int64_t>(Bs.size());
-  std::vector<int64_t> srank(n), fp64(n);
+  std::vector<int64_t> srank(n), fp64(n), rank(n);
   Structure s;
   for (int64_t i = 0; i < n; ++i) {
-    srank[i] = std::min({Bs[i].size(0), As[i].size(1), Bs[i].size(1)});
+    rank[i] = Bs[i].size(1);
+    srank[i] = std::min({Bs[i].size(0), As[i].size(1), rank[i]});
     fp64[i] = Bs[i].scalar_type() == at::kDouble && As[i].scalar_type() == at::kDouble;
     (fp64[i] ? s.any64 : s.any32) = true;
-    s.max_rank = std::max(s.max_rank, Bs[i].size(1));
+    s.max_rank = std::max(s.max_rank, rank[i]);
   }
-  const bool srank_ragged = n > 0 && std::count(srank.begin(), srank.end(), srank[0]) != n;
+  auto ragged = [n](const std::vector<int64_t>& v) { return n > 0 && std::count(v.begin(), v.end(), v[0]) != n; };
+  const bool srank_ragged = ragged(srank);
   const bool fp64_ragged = s.any64 && s.any32;
+  const bool rank_ragged = with_rank && ragged(rank);
   s.srank.value = n > 0 ? srank[0] : 0;
   s.fp64.value = s.any64 ? 1 : 0;
+  s.rank.value = n > 0 ? rank[0] : 0;
   std::vector<const std::vector<int64_t>*> rows;
   if (srank_ragged) rows.push_back(&srank);
   if (fp64_ragged) rows.push_back(&fp64);
+  if (rank_ragged) rows.push_back(&rank);
   if (rows.empty()) return s;
   const at::Tensor up = to_device(rows, n, Bs[0].device());
-  if (srank_ragged) s.srank.device = up.select(0, 0);
-  if (fp64_ragged) s.fp64.device = up.select(0, srank_ragged ? 1 : 0).to(at::kBool);
+  int64_t row = 0;
+  if (srank_ragged) s.srank.device = up.select(0, row++);
+  if (fp64_ragged) s.fp64.device = up.select(0, row++).to(at::kBool);
+  if (rank_ragged) s.rank.device = up.select(0, row++);
   return s;
 }
 
@@ -143,6 +147,15 @@ at::Tensor psd_factor(const at::Tensor& gb, const Structure& s) {
   return at::where(s.fp64.device.view({-1, 1, 1}), psd_cholesky(gb, kCholTolFp64), low);
 }
 
+// For LAPACK on the CPU, which raises on non-finite input: ok [n], whether matrix i of x [n, p, q]
+// is finite, and x with the other matrices zeroed (their results are then replaced by NaN).
+std::tuple<at::Tensor, at::Tensor> finite_or_zero(const at::Tensor& x) {
+  const at::Tensor ok = at::isfinite(x).flatten(1).all(1);
+  return {ok, at::where(ok.view({-1, 1, 1}), x, at::zeros({}, x.options()))};
+}
+
+at::Tensor nan_like(const at::Tensor& x) { return at::full({}, std::numeric_limits<double>::quiet_NaN(), x.options()); }
+
 // _lora_core.eigh(x, vectors=False): eigenvalues ascending; LAPACK on the CPU, where a matrix
 // with a non-finite entry gets NaN eigenvalues (LAPACK would raise); sym_eigh elsewhere.
 // x: contiguous float64 [n, R, R].
@@ -151,13 +164,12 @@ at::Tensor eigvalsh(const at::Tensor& x) {
   const double* p = x.const_data_ptr<double>();
   if (std::all_of(p, p + x.numel(), [](double v) { return std::isfinite(v); }))
     return at::linalg_eigvalsh(x);  // what the masked path below computes when every entry is finite
-  const at::Tensor ok = at::isfinite(x).flatten(1).all(1);
-  const at::Tensor safe = at::where(ok.view({-1, 1, 1}), x, at::zeros({}, x.options()));
-  const double nan = std::numeric_limits<double>::quiet_NaN();
-  return at::where(ok.view({-1, 1}), at::linalg_eigvalsh(safe), at::full({}, nan, x.options()));
+  const auto [ok, safe] = finite_or_zero(x);
+  return at::where(ok.view({-1, 1}), at::linalg_eigvalsh(safe), nan_like(x));
 }
 
-// _lora_core._beyond_rank(x, srank, 0.0): x [n, R] with the entries at and beyond srank zeroed.
+// _lora_core._beyond_rank(x, srank, 0.0 / False): x [n, R] (float64 or bool) with the entries at
+// and beyond srank zeroed.
 at::Tensor beyond_rank(at::Tensor x, const PerAdapter& srank) {
   const int64_t R = x.size(-1);
   if (srank.uniform()) {
@@ -208,14 +220,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_svdvals(at::TensorList Bs, a
                  " are not supported, got r = ", s.max_rank);
   const int64_t n = gb.size(0);
   const at::Tensor fro = fro_norm(gb, ga);
-  const at::Tensor none_ill = at::zeros({n}, gb.options().dtype(at::kBool));
-  if (s.max_rank == 0) return {gb.new_zeros({n, 0}), none_ill, fro};
+  auto none_ill = [&] { return at::zeros({n}, gb.options().dtype(at::kBool)); };
+  if (s.max_rank == 0) return {gb.new_zeros({n, 0}), none_ill(), fro};
   const at::Tensor L = psd_factor(gb, s);
   const at::Tensor x = at::matmul(at::matmul(L.mT(), ga), L);
   const at::Tensor mu = beyond_rank(eigvalsh(((x + x.mT()) * 0.5).contiguous()).clamp_min(0).flip(-1), s.srank);
-  return {mu.sqrt(), flag_ill ? ill_conditioned(mu, gb, ga, s) : none_ill, fro};
+  return {mu.sqrt(), flag_ill ? ill_conditioned(mu, gb, ga, s) : none_ill(), fro};
 }
-
 
 // --- principal angles (gradgeom.lora.principal_angles, method "gram") ----------------------------
 
@@ -223,28 +234,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_svdvals(at::TensorList Bs, a
 // NaN for matrices that hold a non-finite entry, sym_eigh (Jacobi) elsewhere.
 std::tuple<at::Tensor, at::Tensor> eigh_vectors(const at::Tensor& x) {
   if (!x.is_cpu()) return sym_eigh(x, /*vectors=*/true);
-  const at::Tensor ok = at::isfinite(x).flatten(1).all(1);
-  const at::Tensor safe = at::where(ok.view({-1, 1, 1}), x, at::zeros({}, x.options()));
+  const auto [ok, safe] = finite_or_zero(x);
   const auto [w, V] = at::linalg_eigh(safe);
-  const at::Tensor nan = at::full({}, std::numeric_limits<double>::quiet_NaN(), x.options());
-  return {at::where(ok.view({-1, 1}), w, nan), at::where(ok.view({-1, 1, 1}), V, nan)};
-}
-
-// _lora_core._beyond_rank(x, srank, False) for a bool x [n, R].
-at::Tensor keep_below_rank(at::Tensor x, const PerAdapter& srank) {
-  const int64_t R = x.size(-1);
-  if (srank.uniform()) {
-    if (srank.value < R) x.narrow(1, srank.value, R - srank.value).fill_(false);
-    return x;
-  }
-  const at::Tensor idx = at::arange(R, srank.device.options());
-  return at::where(idx < srank.device.unsqueeze(-1), x, at::zeros({}, x.options()));
+  return {at::where(ok.view({-1, 1}), w, nan_like(x)), at::where(ok.view({-1, 1, 1}), V, nan_like(x))};
 }
 
 // _lora_core.gram_bases: coefficients T [n, R, R] of orthonormal bases U = B·T of the column
 // spaces, the numerical ranks [n], and (flag_ill) the adapters the Gram route cannot resolve.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gram_bases(const at::Tensor& gb, const at::Tensor& ga,
-                                                          const Structure& s, const PerAdapter& rank, bool flag_ill) {
+                                                          const Structure& s, bool flag_ill) {
   const auto [lam_raw, V] = eigh_vectors(gb);
   const at::Tensor lam_b = lam_raw.clamp_min(0);
   const at::Tensor F = V * lam_b.sqrt().unsqueeze(-2);
@@ -252,12 +250,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gram_bases(const at::Tensor& gb, 
   const auto [mu_raw, W_raw] = eigh_vectors((x + x.mT()) * 0.5);
   const at::Tensor mu = mu_raw.clamp_min(0).flip(-1);
   const at::Tensor W = W_raw.flip(-1);
-  const at::Tensor keep = keep_below_rank(mu > 0, s.srank);
+  const at::Tensor keep = beyond_rank(mu > 0, s.srank);
   const at::Tensor inv = at::where(lam_b > 0, lam_b.clamp_min(1e-300).rsqrt(), at::scalar_tensor(0.0, lam_b.options()));
   const at::Tensor T = at::matmul(V * inv.unsqueeze(-2), W * keep.unsqueeze(-2));
   if (!flag_ill) return {T, keep.sum(-1), at::Tensor()};
   at::Tensor ill = ill_conditioned(mu, gb, ga, s);
   const at::Tensor live = mu.select(1, 0) > 0;
+  const PerAdapter& rank = s.rank;
   if (!s.srank.uniform() || !rank.uniform()) {  // r > min(d, k): the Gram route's basis is not unique
     const at::Tensor sr = s.srank.uniform() ? at::full_like(rank.device, s.srank.value) : s.srank.device;
     const at::Tensor r = rank.uniform() ? at::full_like(sr, rank.value) : rank.device;
@@ -276,14 +275,13 @@ at::Tensor cosines(const at::Tensor& C) {
     const at::Tensor g = at::matmul(C.mT(), C);
     s = sym_eigvalsh(((g + g.mT()) * 0.5).contiguous()).clamp_min(0).sqrt().flip(-1);
   } else {
-    const at::Tensor ok = at::isfinite(C).flatten(1).all(1);
-    s = at::linalg_svdvals(at::where(ok.view({-1, 1, 1}), C, at::zeros({}, C.options())));
-    s = at::where(ok.view({-1, 1}), s, at::full({}, std::numeric_limits<double>::quiet_NaN(), s.options()));
+    const auto [ok, safe] = finite_or_zero(C);
+    s = at::where(ok.view({-1, 1}), at::linalg_svdvals(safe), nan_like(C));
   }
   return s.clamp(0.0, 1.0);
 }
 
-// lora._cross_grams: float64 [n, R, R] with B1ᵢᵀ·B2ᵢ in the top-left corner; one product per
+// _lora_core.cross_grams: float64 [n, R, R] with B1ᵢᵀ·B2ᵢ in the top-left corner; one product per
 // group of equal shapes.
 at::Tensor cross_grams(at::TensorList Bs, int64_t n, int64_t R) {
   const auto opts = Bs[0].options().dtype(at::kDouble);
@@ -334,18 +332,11 @@ at::Tensor lora_principal_angles(at::TensorList Bs, at::TensorList As, bool flag
   for (int64_t i = 0; i < n; ++i)
     GG_CHECK_VALUE(Bs[i].size(0) == Bs[n + i].size(0), "lora_principal_angles: adapter ", i,
                    ": column spaces live in different dimensions d = ", Bs[i].size(0), " and ", Bs[n + i].size(0));
-  const Structure s = structure(Bs, As);
+  const Structure s = structure(Bs, As, /*with_rank=*/flag_ill);
   GG_CHECK_VALUE(s.max_rank <= kSmallMatrixMaxSize, "lora_principal_angles: ranks above ", kSmallMatrixMaxSize,
                  " are not supported, got r = ", s.max_rank);
-  PerAdapter rank;  // r per adapter (only for the flags)
-  if (flag_ill) {
-    std::vector<int64_t> r(2 * n);
-    for (int64_t i = 0; i < 2 * n; ++i) r[i] = Bs[i].size(1);
-    rank.value = r[0];
-    if (std::count(r.begin(), r.end(), r[0]) != 2 * n) rank.device = to_device({&r}, 2 * n, Bs[0].device()).select(0, 0);
-  }
   const int64_t R = gb.size(-1);
-  const auto [T, rk, ill] = gram_bases(gb, ga, s, rank, flag_ill);
+  const auto [T, rk, ill] = gram_bases(gb, ga, s, flag_ill);
   const at::Tensor nonfinite = (gb * 0 + ga * 0).sum(at::IntArrayRef{-2, -1});
   const at::Tensor X = cross_grams(Bs, n, R);
   const at::Tensor cos = cosines(at::matmul(at::matmul(T.narrow(0, 0, n).mT(), X), T.narrow(0, n, n)));

@@ -380,6 +380,25 @@ class AdapterGeometry:
         return d
 
 
+def _split_pairs(obj: Any) -> Optional[tuple[list[str], list, list]]:
+    """``(names, Bs, As)`` when ``obj`` is a dict ``name -> (B, A)`` or a list/tuple of ``(B, A)``
+    pairs (named ``"0"``, ``"1"``, ...), read off without a per-pair object; else None."""
+    if isinstance(obj, dict):
+        values = list(obj.values())
+    elif isinstance(obj, (list, tuple)):
+        values = list(obj)
+    else:
+        return None
+    if not (values and set(map(type, values)) <= {tuple, list} and set(map(len, values)) == {2}):
+        return None
+    if isinstance(obj, dict):
+        keys = list(obj)
+        names = keys if set(map(type, keys)) == {str} else [k if type(k) is str else str(k) for k in keys]
+    else:
+        names = list(map(str, range(len(values))))
+    return names, list(map(_first, values)), list(map(_second, values))
+
+
 def _as_found(obj: Any, adapter_name: Optional[str], op: str) -> list[FoundAdapter]:
     if isinstance(obj, nn.Module):
         return discover(obj, adapter_name)
@@ -389,12 +408,11 @@ def _as_found(obj: Any, adapter_name: Optional[str], op: str) -> list[FoundAdapt
         items = [(str(i), p) for i, p in enumerate(obj)]
     else:
         raise TypeError(f"{op}: expected an nn.Module, a dict of name -> (B, A[, scaling]) or a list of pairs, got {type(obj).__name__}")
-    values = list(map(_second, items))
-    if values and set(map(type, values)) <= {tuple, list} and set(map(len, values)) == {2}:  # (B, A) pairs
-        names = [k if type(k) is str else str(k) for k, _ in items]
-        n = len(values)
-        return list(map(FoundAdapter, names, repeat("", n), repeat("", n), map(_first, values), map(_second, values),
-                        repeat(1.0, n), repeat(None, n)))
+    pairs = _split_pairs(obj)
+    if pairs is not None:
+        names, Bs, As = pairs
+        n = len(names)
+        return list(map(FoundAdapter, names, repeat("", n), repeat("", n), Bs, As, repeat(1.0, n), repeat(None, n)))
     out = []
     for name, p in items:
         if not isinstance(p, (list, tuple)) or len(p) not in (2, 3):
@@ -420,6 +438,14 @@ def _checked_native_lists(op: str, names: Sequence[str], Bs: list, As: list, nat
         raise
 
 
+def _check_on_one_device(label: str, B: Any, A: Any) -> None:
+    """Raise, naming ``label``, unless B and A are tensors on one device."""
+    if not isinstance(B, torch.Tensor) or not isinstance(A, torch.Tensor):
+        _check_pair(label, None, B, A, two_d=True)
+    if A.device != B.device:
+        raise ValueError(f"{label}: B is on {B.device} but A is on {A.device}")
+
+
 def _by_device(found: Sequence[FoundAdapter]) -> dict[torch.device, list[int]]:
     Bs, As = list(map(_B, found)), list(map(_A, found))
     if all(issubclass(t, torch.Tensor) for t in set(map(type, Bs)) | set(map(type, As))):
@@ -428,10 +454,7 @@ def _by_device(found: Sequence[FoundAdapter]) -> dict[torch.device, list[int]]:
             return {devices.pop(): list(range(len(found)))}
     groups: dict[torch.device, list[int]] = {}
     for i, f in enumerate(found):
-        if not isinstance(f.B, torch.Tensor) or not isinstance(f.A, torch.Tensor):
-            _check_pair(f.name, None, f.B, f.A, two_d=True)
-        if f.A.device != f.B.device:
-            raise ValueError(f"{f.name}: B is on {f.B.device} but A is on {f.A.device}")
+        _check_on_one_device(f.name, f.B, f.A)
         groups.setdefault(f.B.device, []).append(i)
     return groups
 
@@ -584,21 +607,11 @@ def snapshot(model_or_pairs: Union[nn.Module, dict, Sequence], *, adapter_name: 
 
 
 def _named_pairs(obj: Any, adapter_name: Optional[str], op: str) -> tuple[list[str], list, list]:
-    """``(names, Bs, As)`` of a snapshot, dict or list of ``(B, A)`` pairs, read off directly (no
-    :class:`FoundAdapter` per pair); models and ``(B, A, scaling)`` entries go through
-    :func:`_as_found`."""
-    values = None
-    if isinstance(obj, dict):
-        values = list(obj.values())
-    elif isinstance(obj, (list, tuple)):
-        values = list(obj)
-    if values and set(map(type, values)) <= {tuple, list} and set(map(len, values)) == {2}:
-        if isinstance(obj, dict):
-            keys = list(obj)
-            names = keys if set(map(type, keys)) == {str} else [k if type(k) is str else str(k) for k in keys]
-        else:
-            names = list(map(str, range(len(values))))
-        return names, list(map(_first, values)), list(map(_second, values))
+    """``(names, Bs, As)`` of a snapshot, dict or list of ``(B, A)`` pairs (:func:`_split_pairs`);
+    models and ``(B, A, scaling)`` entries go through :func:`_as_found`."""
+    pairs = _split_pairs(obj)
+    if pairs is not None:
+        return pairs
     found = _as_found(obj, adapter_name, op)
     return list(map(_name, found)), list(map(_B, found)), list(map(_A, found))
 
@@ -617,10 +630,7 @@ def _angle_groups(names: list[str], B1: list, A1: list, B2: list, A2: list, stri
     groups: dict[torch.device, list[int]] = {}
     for i, name in enumerate(names):
         for B, A in ((B1[i], A1[i]), (B2[i], A2[i])):
-            if not isinstance(B, torch.Tensor) or not isinstance(A, torch.Tensor):
-                _check_pair(f"principal_angles: {name!r}", None, B, A, two_d=True)
-            if A.device != B.device:
-                raise ValueError(f"principal_angles: {name!r}: B is on {B.device} but A is on {A.device}")
+            _check_on_one_device(f"principal_angles: {name!r}", B, A)
         if B1[i].shape[0] != B2[i].shape[0]:
             raise ValueError(f"principal_angles: {name}: column spaces live in different dimensions d = {B1[i].shape[0]} and {B2[i].shape[0]}")
         if B1[i].device != B2[i].device:

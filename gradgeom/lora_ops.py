@@ -139,7 +139,7 @@ def lora_principal_angles(
     matched by position, same d), by the Gram route, in one native call.
 
     The steps of :func:`gradgeom._lora_core.gram_bases` and :func:`gradgeom._lora_core.cosines`
-    (with ``lora._cross_grams``), issued from C++ with the same ops in the same order: one
+    (with :func:`gradgeom._lora_core.cross_grams`), issued from C++ with the same ops in the same order: one
     :func:`lora_gram` launch over both lists, factored orthonormal bases U = B·T, the cosines
     σ(T₁ᵀ·B₁ᵀB₂·T₂). Never synchronises with the GPU.
 
@@ -157,7 +157,7 @@ def lora_principal_angles(
     if len(first) != len(second):
         raise ValueError(f"lora_principal_angles: first and second must have the same length, got {len(first)} and {len(second)}")
     Bs, As = _check_factor_lists("lora_principal_angles", [p[0] for p in first] + [p[0] for p in second],
-                           [p[1] for p in first] + [p[1] for p in second])
+                                 [p[1] for p in first] + [p[1] for p in second])
     if not Bs:
         return torch.zeros((0, 5 if flag_ill else 4), dtype=torch.float64, device=device)
     return torch.ops.gradgeom.lora_principal_angles(Bs, As, bool(flag_ill))

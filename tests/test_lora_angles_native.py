@@ -1,5 +1,5 @@
 """The native composite lora_principal_angles against the Python composition it replaces
-(_lora_core.gram_bases + lora._cross_grams + _lora_core.cosines over lora_gram), bit for bit."""
+(_lora_core.gram_bases + cross_grams + cosines over lora_gram), bit for bit."""
 
 import pytest
 import torch
