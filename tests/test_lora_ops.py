@@ -251,7 +251,7 @@ def eig_batch(n, device):
     return A.to(device)
 
 
-@pytest.mark.parametrize("n", [0, 1, 2, 3, 16, 33, 64, 129, 256])
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 16, 33, 64, 65, 100, 128, 129, 256])
 def test_sym_eigvals_awkward_spectra(device, n):
     A = eig_batch(n, device)
     w, V = lora_ops.sym_eigh(A, vectors=False)
@@ -260,7 +260,7 @@ def test_sym_eigvals_awkward_spectra(device, n):
     assert torch.equal(lora_ops.sym_eigh(A, vectors=False)[0], w)  # same input, same bits
 
 
-@pytest.mark.parametrize("n", [2, 7, 64])
+@pytest.mark.parametrize("n", [2, 7, 64, 128])
 def test_sym_eigvals_zero_minors_and_wide_range(device, n):
     """Sturm counts by the three-term recurrence: exact zero minors (zeros on the diagonal, zero
     off-diagonals, repeated entries) and entries spanning 1e-300 .. 1 in one matrix."""
@@ -277,7 +277,7 @@ def test_sym_eigvals_zero_minors_and_wide_range(device, n):
     check_eigvals(A, w)
 
 
-@pytest.mark.parametrize("n", [1, 2, 5, 40])
+@pytest.mark.parametrize("n", [1, 2, 5, 40, 100])
 def test_sym_eigvals_zero_and_non_finite(device, n):
     X = torch.randn(5, n, n, dtype=torch.float64, device=device)
     A = X + X.mT
@@ -379,7 +379,7 @@ def test_cuda_ops_do_not_synchronise():
 # --- psd_cholesky -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("n", [1, 2, 7, 33, 64, 129])
+@pytest.mark.parametrize("n", [1, 2, 7, 33, 64, 100, 128, 129])
 def test_psd_cholesky_positive_definite_matches_lapack(device, n):
     X = torch.randn(3, n, n + 3, dtype=torch.float64, device=device)
     A = X @ X.mT
@@ -390,7 +390,7 @@ def test_psd_cholesky_positive_definite_matches_lapack(device, n):
     assert torch.all((F != 0).sum(-2) <= torch.arange(n, 0, -1, device=F.device))
 
 
-@pytest.mark.parametrize("n", [4, 16, 65])
+@pytest.mark.parametrize("n", [4, 16, 65, 128])
 def test_psd_cholesky_semidefinite(device, n):
     Y = torch.randn(4, n, n // 3 + 1, dtype=torch.float64, device=device)
     A = Y @ Y.mT                          # rank n/3 + 1
@@ -410,7 +410,7 @@ def test_psd_cholesky_semidefinite(device, n):
     assert torch.all(err <= tol * scale), err / scale
 
 
-@pytest.mark.parametrize("n", [4, 37, 130])
+@pytest.mark.parametrize("n", [4, 37, 64, 100, 128, 130])
 def test_psd_cholesky_pivot_order_and_ties(device, n):
     """Largest remaining diagonal first, ties to the smaller row index (a diagonal A keeps its
     diagonal through the steps, so F is a scaled permutation that shows the pivot order)."""
@@ -448,6 +448,27 @@ def test_cuda_psd_cholesky_large_matches_cpu(n):
         F = lora_ops.psd_cholesky(A.cuda()).cpu()
         assert torch.isfinite(F).all()
         assert ((F @ F.mT - A).abs().max() <= 1e-11 * A.abs().max())
+
+
+@requires_cuda
+@pytest.mark.parametrize("n", [33, 64, 65, 128])
+def test_cuda_psd_cholesky_tile_matches_cpu(n):
+    """33 <= n <= 128 runs on a register tile on the GPU: the pivots of the CPU run, the same
+    factor to rounding, zeros beyond the numerical rank, and an all-NaN F for a non-finite
+    diagonal."""
+    g = torch.Generator().manual_seed(n)
+    Y = torch.randn(224, n, n + 3, dtype=torch.float64, generator=g)
+    Y[1::2, :, n // 2:] = 0  # rank n/2
+    A = Y @ Y.mT
+    A[5, n // 3, n // 3] = float("nan")
+    F = lora_ops.psd_cholesky(A.cuda()).cpu()
+    F_cpu = lora_ops.psd_cholesky(A)
+    ok = torch.ones(224, dtype=torch.bool)
+    ok[5] = False
+    assert torch.isnan(F[5]).all() and torch.isfinite(F[ok]).all()
+    assert torch.equal(F[ok] != 0, F_cpu[ok] != 0)  # same pivots, same rank cut
+    torch.testing.assert_close(F[ok], F_cpu[ok], rtol=1e-9, atol=1e-12 * float(A[ok].abs().max()))
+    assert (F[ok] @ F[ok].mT - A[ok]).abs().max() <= 1e-11 * A[ok].abs().max()
 
 
 def test_psd_cholesky_bad_input_and_opcheck(device):

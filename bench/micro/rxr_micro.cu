@@ -1,6 +1,9 @@
 // Micro-benchmark of the one-block-per-matrix r x r kernels (no torch, builds in seconds): times
-// the shipping tridiag::eigvalsh, its phases (scale + Householder; bisection with 1, 2 or 4 shifts
-// per thread) and cholesky::factor on a batch of random SPD matrices, at 128 and 256 threads.
+// the packed kernels (tridiag::eigvalsh, its phases: scale + Householder, bisection with 1, 2 or
+// 4 shifts per thread; cholesky::factor) at 128 and 256 threads, and for 32 < n <= 128 the
+// register-tile kernels that ship there (tridiag_tile.cuh + the bisection launch, cholesky_tile.cuh)
+// against them: eigenvalue differences, whether F is the same bit for bit, the bisection at
+// 128/256/512 threads, and per-phase cycle counts of one Householder / Cholesky step (ClockProbe).
 //
 //   nvcc -O3 -std=c++17 -arch=sm_90 --expt-relaxed-constexpr -Icsrc/include bench/micro/rxr_micro.cu -o build/rxr_micro
 //   build/rxr_micro [batch] [n]
@@ -10,10 +13,13 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <vector>
 
+#include "gradgeom/cholesky_tile.cuh"
 #include "gradgeom/psd_cholesky.h"
 #include "gradgeom/tridiag_eig.h"
+#include "gradgeom/tridiag_tile.cuh"
 
 #define CK(x)                                                                              \
   do {                                                                                     \
@@ -82,6 +88,7 @@ __global__ void __launch_bounds__(256, 2) chol_header(const double* in, int n, d
   cholesky::factor(a, n, tol, F + blockIdx.x * int64_t(n) * n, smem, iwork, threadIdx.x, blockDim.x, Sync{});
 }
 
+
 // ---- host --------------------------------------------------------------------------------------
 static unsigned long long rng = 88172645463325252ull;
 static double urand() {
@@ -147,6 +154,161 @@ static double trace_error(const std::vector<double>& w, const std::vector<double
   return worst;
 }
 
+// ---- register-tile kernels (tile_matrix.cuh) ---------------------------------------------------
+template <class M>
+__global__ void __launch_bounds__(M::kThreads, 1) house_tile(const double* in, int n, double* tri, int* scale, double* w) {
+  extern __shared__ double smem[];
+  M A(threadIdx.x);
+  A.load_lower(in + blockIdx.x * int64_t(n) * n, n);
+  tridiag::tridiag_tile(A, n, smem, tri + blockIdx.x * 3 * int64_t(n), scale + blockIdx.x, w + blockIdx.x * n, threadIdx.x);
+}
+
+// Bisection of the tile kernel's tridiagonal matrices (the shipping kernel's second launch).
+template <int kThreads>
+__global__ void __launch_bounds__(kThreads, kThreads <= 256 ? 2 : 1) tri_bisect(const double* tri, const int* scale, int n, double* w) {
+  extern __shared__ double smem[];
+  const int e = scale[blockIdx.x];
+  if (e == tridiag::kDone) return;
+  int* iwork = reinterpret_cast<int*>(smem + tridiag::workspace_doubles(n));
+  const double* t = tri + blockIdx.x * 3 * int64_t(n);
+  for (int i = threadIdx.x; i < 3 * n; i += blockDim.x) smem[3 * n + i] = t[i];
+  __syncthreads();
+  tridiag::bisect<tridiag::kPoints>(n, smem, iwork, w + blockIdx.x * n, e, threadIdx.x, blockDim.x, Sync{});
+}
+
+template <class M>
+__global__ void __launch_bounds__(M::kThreads, 1) chol_tile(const double* in, int n, double tol, double* F) {
+  extern __shared__ double smem[];
+  M A(threadIdx.x);
+  A.load_lower(in + blockIdx.x * int64_t(n) * n, n);
+  cholesky::factor_tile(A, n, tol, F + blockIdx.x * int64_t(n) * n, smem, threadIdx.x);
+}
+
+// Cycle counts per phase of every step, summed over the steps in registers (the phase is a
+// constant at every call), written out by thread `who` of block 0 at the end.
+struct ClockProbe {
+  long long sum[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  long long last = 0;
+  __device__ ClockProbe() {
+#ifdef __CUDA_ARCH__
+    last = clock64();
+#endif
+  }
+  __device__ __forceinline__ void operator()(int phase) {
+#ifdef __CUDA_ARCH__
+    const long long t = clock64();
+    sum[phase] += t - last;
+    last = t;
+#endif
+  }
+  __device__ void flush(long long* acc, int who) const {
+    if (blockIdx.x == 0 && threadIdx.x == who)
+      for (int i = 0; i < 8; ++i) acc[i] = sum[i];
+  }
+};
+
+template <class M>
+__global__ void __launch_bounds__(M::kThreads, 1) house_probe(const double* in, int n, double* w, long long* acc, int who) {
+  extern __shared__ double smem[];
+  M A(threadIdx.x);
+  A.load_lower(in + blockIdx.x * int64_t(n) * n, n);
+  const tridiag::TileWork<M> ws{smem};
+  const int e = tridiag::scale_tile(A, n, ws, w + blockIdx.x * n, threadIdx.x);
+  if (e == tridiag::kDone) return;
+  ClockProbe probe;
+  tridiag::tridiagonalize_tile(A, n, ws, threadIdx.x, probe);
+  probe.flush(acc, who);
+}
+
+template <class M>
+__global__ void __launch_bounds__(M::kThreads, 1) chol_probe(const double* in, int n, double tol, double* F, long long* acc, int who) {
+  extern __shared__ double smem[];
+  M A(threadIdx.x);
+  A.load_lower(in + blockIdx.x * int64_t(n) * n, n);
+  ClockProbe probe;
+  cholesky::factor_tile(A, n, tol, F + blockIdx.x * int64_t(n) * n, smem, threadIdx.x, probe);
+  probe.flush(acc, who);
+}
+
+template <class M>
+static void probe_case(const double* in, double* w, double* F, int batch, int n) {
+  const size_t esmem = tridiag::tile_workspace_doubles<M>() * 8;
+  const size_t csmem = cholesky::tile_workspace_doubles<M>() * 8;
+  long long* acc;
+  CK(cudaMalloc(&acc, 16 * 8));
+  for (int who : {0, M::kThreads - 1}) {
+    for (int kind = 0; kind < 2; ++kind) {
+      CK(cudaMemset(acc, 0, 16 * 8));
+      if (kind == 0)
+        house_probe<M><<<batch, M::kThreads, esmem>>>(in, n, w, acc, who);
+      else
+        chol_probe<M><<<batch, M::kThreads, csmem>>>(in, n, 1e-14, F, acc, who);
+      CK(cudaDeviceSynchronize());
+      long long h[16];
+      CK(cudaMemcpy(h, acc, sizeof h, cudaMemcpyDeviceToHost));
+      const int phases = kind == 0 ? 8 : 6;
+      long long total = 0;
+      for (int i = 0; i < phases; ++i) total += h[i];
+      std::printf("n=%4d probe %s thread %3d: cycles per step %6lld =", n, kind == 0 ? "householder" : "cholesky   ", who,
+                  total / n);
+      for (int i = 0; i < phases; ++i) std::printf(" %5lld", h[i] / n);
+      std::printf("\n");
+    }
+  }
+  CK(cudaFree(acc));
+}
+
+template <class M>
+static void tile_case(const double* in, double* w, double* F, int batch, int n, const std::vector<double>& h,
+                      const std::vector<double>& w_ref, const std::vector<double>& F_ref) {
+  const size_t esmem = tridiag::tile_workspace_doubles<M>() * 8;
+  const size_t bsmem = tridiag::workspace_doubles(n) * 8 + tridiag::grid_points(n, 256) * 4;
+  const size_t csmem = cholesky::tile_workspace_doubles<M>() * 8;
+  std::vector<double> got(size_t(batch) * n), Fgot(size_t(batch) * n * n);
+  double* tri;
+  int* scale;
+  CK(cudaMalloc(&tri, size_t(batch) * 3 * n * 8));
+  CK(cudaMalloc(&scale, size_t(batch) * 4));
+  const float te = time_ms([&] {
+    house_tile<M><<<batch, M::kThreads, esmem>>>(in, n, tri, scale, w);
+    tri_bisect<256><<<batch, 256, bsmem>>>(tri, scale, n, w);
+  });
+  CK(cudaMemcpy(got.data(), w, got.size() * 8, cudaMemcpyDeviceToHost));
+  double werr = 0;
+  for (int b = 0; b < batch; ++b) {
+    double big = 0;
+    for (int i = 0; i < n; ++i) big = std::max(big, std::fabs(w_ref[size_t(b) * n + i]));
+    for (int i = 0; i < n; ++i) {
+      const double e = std::fabs(got[size_t(b) * n + i] - w_ref[size_t(b) * n + i]) / big;
+      werr = std::isnan(e) ? INFINITY : std::max(werr, e);
+    }
+  }
+  const float th = time_ms([&] { house_tile<M><<<batch, M::kThreads, esmem>>>(in, n, tri, scale, w); });
+  for (int bt : {128, 256, 512}) {
+    const size_t bs = tridiag::workspace_doubles(n) * 8 + tridiag::grid_points(n, bt) * 4;
+    const float tb = time_ms([&] {
+      if (bt == 128) tri_bisect<128><<<batch, 128, bs>>>(tri, scale, n, w);
+      if (bt == 256) tri_bisect<256><<<batch, 256, bs>>>(tri, scale, n, w);
+      if (bt == 512) tri_bisect<512><<<batch, 512, bs>>>(tri, scale, n, w);
+    });
+    std::vector<double> wb(size_t(batch) * n);
+    CK(cudaMemcpy(wb.data(), w, wb.size() * 8, cudaMemcpyDeviceToHost));
+    double diff = 0;
+    for (size_t i = 0; i < wb.size(); ++i) diff = std::max(diff, std::fabs(wb[i] - got[i]));
+    std::printf("n=%4d tile bisection %3d threads %8.1f us (max diff vs 256: %.1e)\n", n, bt, tb * 1e3, diff);
+  }
+  CK(cudaFree(tri));
+  CK(cudaFree(scale));
+  const float tc = time_ms([&] { chol_tile<M><<<batch, M::kThreads, csmem>>>(in, n, 1e-14, F); });
+  CK(cudaMemcpy(Fgot.data(), F, Fgot.size() * 8, cudaMemcpyDeviceToHost));
+  size_t fdiff = 0;
+  for (size_t i = 0; i < Fgot.size(); ++i) fdiff += std::memcmp(&Fgot[i], &F_ref[i], 8) != 0;
+  std::printf("n=%4d TILE NP=%d thr=%4d eigvalsh %8.1f us (householder %8.1f, trace err %.1e, max |w-w_old|/|w|max %.1e)"
+              "   cholesky %8.1f us (%zu entries differ from the packed kernel)\n",
+              n, M::NP, M::kThreads, te * 1e3, th * 1e3, trace_error(got, h, batch, n), werr, tc * 1e3, fdiff);
+}
+
+
 int main(int argc, char** argv) {
   const int batch = argc > 1 ? std::atoi(argv[1]) : 224;
   cudaDeviceProp prop;
@@ -154,7 +316,7 @@ int main(int argc, char** argv) {
   setvbuf(stdout, nullptr, _IONBF, 0);
   std::printf("# %s, %d SMs, batch %d\n", prop.name, prop.multiProcessorCount, batch);
   const int only_n = argc > 2 ? std::atoi(argv[2]) : 0;
-  for (int n : {16, 32, 64, 128}) {
+  for (int n : {16, 32, 48, 64, 100, 128}) {
     if (only_n && n != only_n) continue;
     std::vector<double> h = make_batch(batch, n);
     double *in, *w, *F;
@@ -163,6 +325,7 @@ int main(int argc, char** argv) {
     CK(cudaMalloc(&F, h.size() * 8));
     CK(cudaMemcpy(in, h.data(), h.size() * 8, cudaMemcpyHostToDevice));
     std::vector<double> got(size_t(batch) * n);
+    std::vector<double> w_ref, F_ref(h.size());
     for (int threads : {128, 256}) {
       const size_t smem = tridiag::workspace_doubles(n) * 8 + block::packed_size(n) * 8 +
                           std::max(n, 4 * threads) * 4;  // room for the K = 4 grid
@@ -183,9 +346,17 @@ int main(int argc, char** argv) {
                            cholesky::workspace_ints(n) * 4;
       CK(cudaFuncSetAttribute(chol_header, cudaFuncAttributeMaxDynamicSharedMemorySize, int(csmem)));
       const float tc = time_ms([&] { chol_header<<<batch, threads, csmem>>>(in, n, 1e-14, F); });
+      if (threads == 256) {
+        w_ref = got;
+        CK(cudaMemcpy(F_ref.data(), F, F_ref.size() * 8, cudaMemcpyDeviceToHost));
+      }
       std::printf("n=%4d thr=%4d eigvalsh %8.1f us (trace error %.1e)   cholesky %8.1f us\n", n, threads, t1 * 1e3,
                   trace_error(got, h, batch, n), tc * 1e3);
     }
+    if (n > 32 && n <= 64) tile_case<tile::Matrix<64, 16, 16>>(in, w, F, batch, n, h, w_ref, F_ref);
+    if (n > 64 && n <= 128) tile_case<tile::Matrix<128, 32, 16>>(in, w, F, batch, n, h, w_ref, F_ref);
+    if (n > 32 && n <= 64) probe_case<tile::Matrix<64, 16, 16>>(in, w, F, batch, n);
+    if (n > 64 && n <= 128) probe_case<tile::Matrix<128, 32, 16>>(in, w, F, batch, n);
     CK(cudaFree(in));
     CK(cudaFree(w));
     CK(cudaFree(F));

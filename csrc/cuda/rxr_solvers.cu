@@ -1,14 +1,18 @@
 // The batched r x r ops on CUDA, one block per matrix, fp64, lower triangle read.
-// - sym_eigh without vectors: Householder tridiagonalisation + bisection (tridiag_eig.h) on the
-//   packed lower triangle, two barriers per Householder step. Shared memory holds the workspace
-//   and as many trailing rows of the packed matrix as fit (all of it up to n = 232 on an H100,
-//   73 KiB at n = 128); the leading rows of larger matrices live in a global workspace, and
-//   they are the first to drop out of the shrinking trailing matrix.
+// - sym_eigh without vectors: Householder tridiagonalisation + bisection (tridiag_eig.h).
+//   For 32 < n <= 128 the matrix lives in registers (tridiag_tile.cuh: 256 threads for n <= 64,
+//   512 above) and the bisection runs in a second launch on the tridiagonal matrices, where two
+//   matrices share an SM. Otherwise one kernel works on the packed lower triangle, two barriers
+//   per Householder step; shared memory holds the workspace and as many trailing rows of the
+//   packed matrix as fit (all of it up to n = 232 on an H100); the leading rows of larger
+//   matrices live in a global workspace, and they are the first to drop out of the shrinking
+//   trailing matrix.
 // - sym_eigh with vectors: the parallel cyclic Jacobi solver of jacobi.h. The matrix and the
 //   eigenvectors live in shared memory when they fit the block's opt-in limit (n <= 64 on an
 //   H100), else in a global workspace that stays L2-resident.
-// - psd_cholesky: psd_cholesky.h on the packed lower triangle, one barrier per pivot step
-//   (in shared memory up to n = 223 on an H100, 82.5 KiB at n = 128; global above).
+// - psd_cholesky: psd_cholesky.h; for 32 < n <= 128 on a register tile (cholesky_tile.cuh, the
+//   same F bit for bit), otherwise on the packed lower triangle, one barrier per pivot step (in
+//   shared memory up to n = 223 on an H100; global above).
 // Avoids cuSOLVER's batched syevj cliff at n > 32.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -24,10 +28,13 @@
 
 #include "gradgeom/block_ops.h"
 #include "gradgeom/check.h"
+#include "gradgeom/cholesky_tile.cuh"
 #include "gradgeom/jacobi.h"
 #include "gradgeom/psd_cholesky.h"
 #include "gradgeom/rxr_check.h"
+#include "gradgeom/tile_matrix.cuh"
 #include "gradgeom/tridiag_eig.h"
+#include "gradgeom/tridiag_tile.cuh"
 
 namespace gradgeom {
 namespace {
@@ -86,6 +93,48 @@ __global__ void __launch_bounds__(kMaxThreads, 2)
   tridiag::eigvalsh(a, n, smem, iwork, w_out + b * n, threadIdx.x, blockDim.x, BlockSync{});
 }
 
+// The register-tile shapes: n <= 64 and n <= 128 (tile_matrix.cuh).
+using Tile64 = tile::Matrix<64, 16, 16>;
+using Tile128 = tile::Matrix<128, 32, 16>;
+constexpr int64_t kTileMin = 33;
+constexpr int64_t kTileMax = 128;
+bool use_tile(int64_t n) { return n >= kTileMin && n <= kTileMax; }
+
+// Register-tile launch bounds: 256-thread tiles keep two blocks per SM (<= 128 registers).
+template <class M>
+__global__ void __launch_bounds__(M::kThreads, M::kThreads <= 256 ? 2 : 1)
+    tridiag_tile_kernel(const double* in, int n, double* tri, int* scale, double* w_out) {
+  extern __shared__ double smem[];
+  const int64_t b = blockIdx.x;
+  M A(threadIdx.x);
+  A.load_lower(in + b * int64_t(n) * n, n);
+  tridiag::tridiag_tile(A, n, smem, tri + b * 3 * int64_t(n), scale + b, w_out + b * n, threadIdx.x);
+}
+
+// Bisection of the tridiagonal matrices tridiag_tile_kernel leaves (d, e, e2 per matrix).
+__global__ void __launch_bounds__(256, 2)
+    tridiag_bisect_kernel(const double* tri, const int* scale, int n, double* w_out) {
+  extern __shared__ double smem[];
+  const int64_t b = blockIdx.x;
+  const int e = scale[b];
+  if (e == tridiag::kDone) return;  // the eigenvalues are written already
+  int* iwork = reinterpret_cast<int*>(smem + tridiag::workspace_doubles(n));
+  const double* t = tri + b * 3 * int64_t(n);
+  for (int i = threadIdx.x; i < 3 * n; i += blockDim.x) smem[3 * n + i] = t[i];  // d, e, e2
+  __syncthreads();
+  tridiag::bisect<tridiag::kPoints>(n, smem, iwork, w_out + b * n, e, threadIdx.x, blockDim.x, BlockSync{});
+}
+
+template <class M>
+__global__ void __launch_bounds__(M::kThreads, M::kThreads <= 256 ? 2 : 1)
+    psd_cholesky_tile_kernel(const double* in, int n, double tol, double* F) {
+  extern __shared__ double smem[];
+  const int64_t b = blockIdx.x;
+  M A(threadIdx.x);
+  A.load_lower(in + b * int64_t(n) * n, n);
+  cholesky::factor_tile(A, n, tol, F + b * int64_t(n) * n, smem, threadIdx.x);
+}
+
 // Threads per matrix: measured on an H100 (224 matrices), 256 beat 512 for the eigenvalue and
 // Cholesky kernels up to n = 128 (two blocks share an SM; each is bound by latency).
 int block_threads(int64_t n) { return n <= 32 ? 128 : (n <= 128 ? 256 : 512); }
@@ -104,9 +153,29 @@ void allow_smem(Kernel kernel, int64_t bytes) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
 }
 
+template <class M>
+void eigvalsh_tile_cuda(const at::Tensor& a64, at::Tensor& w) {
+  const int64_t batch = a64.size(0);
+  const int n = static_cast<int>(a64.size(1));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor tri = at::empty({batch, 3 * n}, a64.options());
+  at::Tensor scale = at::empty({batch}, a64.options().dtype(at::kInt));
+  constexpr int64_t tile_smem = tridiag::tile_workspace_doubles<M>() * int64_t(sizeof(double));
+  tridiag_tile_kernel<M><<<static_cast<unsigned>(batch), M::kThreads, tile_smem, stream>>>(
+      a64.data_ptr<double>(), n, tri.data_ptr<double>(), scale.data_ptr<int>(), w.data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  constexpr int kBisectThreads = 256;
+  const int64_t bisect_smem = tridiag::workspace_doubles(n) * int64_t(sizeof(double)) +
+                              tridiag::grid_points(n, kBisectThreads) * int64_t(sizeof(int));
+  tridiag_bisect_kernel<<<static_cast<unsigned>(batch), kBisectThreads, static_cast<size_t>(bisect_smem), stream>>>(
+      tri.data_ptr<double>(), scale.data_ptr<int>(), n, w.data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 void eigvalsh_cuda(const at::Tensor& a64, at::Tensor& w) {
   const int64_t batch = a64.size(0);
   const int n = static_cast<int>(a64.size(1));
+  if (use_tile(n)) return n <= 64 ? eigvalsh_tile_cuda<Tile64>(a64, w) : eigvalsh_tile_cuda<Tile128>(a64, w);
   const int threads = block_threads(n);
   constexpr int64_t kDouble = sizeof(double);
   const int64_t fixed = tridiag::workspace_doubles(n) * kDouble + tridiag::grid_points(n, threads) * int64_t(sizeof(int));
@@ -186,6 +255,20 @@ at::Tensor psd_cholesky_cuda(const at::Tensor& A, double tol) {
   const int n = static_cast<int>(a64.size(1));
   if (batch == 0 || n == 0) return F;
   GG_CHECK(batch < (int64_t(1) << 31), "psd_cholesky: batch too large (", batch, ")");
+  if (use_tile(n)) {
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    if (n <= 64) {
+      constexpr int64_t bytes = cholesky::tile_workspace_doubles<Tile64>() * int64_t(sizeof(double));
+      psd_cholesky_tile_kernel<Tile64><<<static_cast<unsigned>(batch), Tile64::kThreads, bytes, stream>>>(
+          a64.data_ptr<double>(), n, tol, F.data_ptr<double>());
+    } else {
+      constexpr int64_t bytes = cholesky::tile_workspace_doubles<Tile128>() * int64_t(sizeof(double));
+      psd_cholesky_tile_kernel<Tile128><<<static_cast<unsigned>(batch), Tile128::kThreads, bytes, stream>>>(
+          a64.data_ptr<double>(), n, tol, F.data_ptr<double>());
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return F;
+  }
   const int threads = block_threads(n);
   constexpr int64_t kDouble = sizeof(double);
   const int64_t fixed = cholesky::workspace_doubles(n, threads / 32) * kDouble +

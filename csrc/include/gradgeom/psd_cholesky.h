@@ -95,6 +95,7 @@ GG_BLOCK_FN void factor(block::PackedLower a, int n, double tol, double* F, doub
     if (piv.row < 0 || !(piv.value > drop)) break;  // uniform: every thread holds the same pivot
     const int p = piv.row, pos = piv.pos;
     const double d = sqrt(piv.value);
+    const double inv_d = 1.0 / d;
     const int* live = (j & 1) ? list1 : list0;
     int* next = (j & 1) ? list0 : list1;
     const int last = live[count - 1];
@@ -102,7 +103,7 @@ GG_BLOCK_FN void factor(block::PackedLower a, int n, double tol, double* F, doub
     const int rest = count - 1;
     for (int q = lane; q < rest; q += lanes) {
       const int i = row_at(q);
-      const double l = a.at(i, p) / d;
+      const double l = a.at(i, p) * inv_d;
       lcol[q] = l;
       if (warp == 0) {
         F[int64_t(i) * n + j] = l;
