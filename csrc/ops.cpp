@@ -1,5 +1,6 @@
 // Every gradgeom operator schema, in one place. Kernels live in cpu/<op>.cpp and cuda/<op>.cu,
-// device-generic composites of other ops in lora_composite.cpp; the Python wrappers and fake (meta) implementations live in gradgeom/ops.py and gradgeom/lora_ops.py.
+// device-generic composites of other ops in lora_composite.cpp; the Python wrappers and fake
+// (meta) implementations live in gradgeom/ops.py and gradgeom/lora_ops.py.
 #include <torch/library.h>
 
 #include "gradgeom/lora_tolerances.h"

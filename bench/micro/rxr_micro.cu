@@ -88,7 +88,6 @@ __global__ void __launch_bounds__(256, 2) chol_header(const double* in, int n, d
   cholesky::factor(a, n, tol, F + blockIdx.x * int64_t(n) * n, smem, iwork, threadIdx.x, blockDim.x, Sync{});
 }
 
-
 // ---- host --------------------------------------------------------------------------------------
 static unsigned long long rng = 88172645463325252ull;
 static double urand() {
@@ -156,7 +155,7 @@ static double trace_error(const std::vector<double>& w, const std::vector<double
 
 // ---- register-tile kernels (tile_matrix.cuh) ---------------------------------------------------
 template <class M>
-__global__ void __launch_bounds__(M::kThreads, 1) house_tile(const double* in, int n, double* tri, int* scale, double* w) {
+__global__ void __launch_bounds__(M::kThreads, M::kMinBlocks) house_tile(const double* in, int n, double* tri, int* scale, double* w) {
   extern __shared__ double smem[];
   M A(threadIdx.x);
   A.load_lower(in + blockIdx.x * int64_t(n) * n, n);
@@ -177,7 +176,7 @@ __global__ void __launch_bounds__(kThreads, kThreads <= 256 ? 2 : 1) tri_bisect(
 }
 
 template <class M>
-__global__ void __launch_bounds__(M::kThreads, 1) chol_tile(const double* in, int n, double tol, double* F) {
+__global__ void __launch_bounds__(M::kThreads, M::kMinBlocks) chol_tile(const double* in, int n, double tol, double* F) {
   extern __shared__ double smem[];
   M A(threadIdx.x);
   A.load_lower(in + blockIdx.x * int64_t(n) * n, n);
@@ -208,7 +207,7 @@ struct ClockProbe {
 };
 
 template <class M>
-__global__ void __launch_bounds__(M::kThreads, 1) house_probe(const double* in, int n, double* w, long long* acc, int who) {
+__global__ void __launch_bounds__(M::kThreads, M::kMinBlocks) house_probe(const double* in, int n, double* w, long long* acc, int who) {
   extern __shared__ double smem[];
   M A(threadIdx.x);
   A.load_lower(in + blockIdx.x * int64_t(n) * n, n);
@@ -221,7 +220,7 @@ __global__ void __launch_bounds__(M::kThreads, 1) house_probe(const double* in, 
 }
 
 template <class M>
-__global__ void __launch_bounds__(M::kThreads, 1) chol_probe(const double* in, int n, double tol, double* F, long long* acc, int who) {
+__global__ void __launch_bounds__(M::kThreads, M::kMinBlocks) chol_probe(const double* in, int n, double tol, double* F, long long* acc, int who) {
   extern __shared__ double smem[];
   M A(threadIdx.x);
   A.load_lower(in + blockIdx.x * int64_t(n) * n, n);
@@ -308,7 +307,6 @@ static void tile_case(const double* in, double* w, double* F, int batch, int n, 
               n, M::NP, M::kThreads, te * 1e3, th * 1e3, trace_error(got, h, batch, n), werr, tc * 1e3, fdiff);
 }
 
-
 int main(int argc, char** argv) {
   const int batch = argc > 1 ? std::atoi(argv[1]) : 224;
   cudaDeviceProp prop;
@@ -353,10 +351,14 @@ int main(int argc, char** argv) {
       std::printf("n=%4d thr=%4d eigvalsh %8.1f us (trace error %.1e)   cholesky %8.1f us\n", n, threads, t1 * 1e3,
                   trace_error(got, h, batch, n), tc * 1e3);
     }
-    if (n > 32 && n <= 64) tile_case<tile::Matrix<64, 16, 16>>(in, w, F, batch, n, h, w_ref, F_ref);
-    if (n > 64 && n <= 128) tile_case<tile::Matrix<128, 32, 16>>(in, w, F, batch, n, h, w_ref, F_ref);
-    if (n > 32 && n <= 64) probe_case<tile::Matrix<64, 16, 16>>(in, w, F, batch, n);
-    if (n > 64 && n <= 128) probe_case<tile::Matrix<128, 32, 16>>(in, w, F, batch, n);
+    if (n > 32 && n <= 64) {
+      tile_case<tile::Matrix64>(in, w, F, batch, n, h, w_ref, F_ref);
+      probe_case<tile::Matrix64>(in, w, F, batch, n);
+    }
+    if (n > 64 && n <= 128) {
+      tile_case<tile::Matrix128>(in, w, F, batch, n, h, w_ref, F_ref);
+      probe_case<tile::Matrix128>(in, w, F, batch, n);
+    }
     CK(cudaFree(in));
     CK(cudaFree(w));
     CK(cudaFree(F));

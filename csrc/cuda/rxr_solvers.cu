@@ -93,16 +93,11 @@ __global__ void __launch_bounds__(kMaxThreads, 2)
   tridiag::eigvalsh(a, n, smem, iwork, w_out + b * n, threadIdx.x, blockDim.x, BlockSync{});
 }
 
-// The register-tile shapes: n <= 64 and n <= 128 (tile_matrix.cuh).
-using Tile64 = tile::Matrix<64, 16, 16>;
-using Tile128 = tile::Matrix<128, 32, 16>;
-constexpr int64_t kTileMin = 33;
-constexpr int64_t kTileMax = 128;
-bool use_tile(int64_t n) { return n >= kTileMin && n <= kTileMax; }
+// Register tiles (tile_matrix.cuh) for 33 <= n <= 128: tile::Matrix64 up to 64, Matrix128 above.
+bool use_tile(int64_t n) { return n >= 33 && n <= tile::Matrix128::NP; }
 
-// Register-tile launch bounds: 256-thread tiles keep two blocks per SM (<= 128 registers).
 template <class M>
-__global__ void __launch_bounds__(M::kThreads, M::kThreads <= 256 ? 2 : 1)
+__global__ void __launch_bounds__(M::kThreads, M::kMinBlocks)
     tridiag_tile_kernel(const double* in, int n, double* tri, int* scale, double* w_out) {
   extern __shared__ double smem[];
   const int64_t b = blockIdx.x;
@@ -126,7 +121,7 @@ __global__ void __launch_bounds__(256, 2)
 }
 
 template <class M>
-__global__ void __launch_bounds__(M::kThreads, M::kThreads <= 256 ? 2 : 1)
+__global__ void __launch_bounds__(M::kThreads, M::kMinBlocks)
     psd_cholesky_tile_kernel(const double* in, int n, double tol, double* F) {
   extern __shared__ double smem[];
   const int64_t b = blockIdx.x;
@@ -175,7 +170,13 @@ void eigvalsh_tile_cuda(const at::Tensor& a64, at::Tensor& w) {
 void eigvalsh_cuda(const at::Tensor& a64, at::Tensor& w) {
   const int64_t batch = a64.size(0);
   const int n = static_cast<int>(a64.size(1));
-  if (use_tile(n)) return n <= 64 ? eigvalsh_tile_cuda<Tile64>(a64, w) : eigvalsh_tile_cuda<Tile128>(a64, w);
+  if (use_tile(n)) {
+    if (n <= tile::Matrix64::NP)
+      eigvalsh_tile_cuda<tile::Matrix64>(a64, w);
+    else
+      eigvalsh_tile_cuda<tile::Matrix128>(a64, w);
+    return;
+  }
   const int threads = block_threads(n);
   constexpr int64_t kDouble = sizeof(double);
   const int64_t fixed = tridiag::workspace_doubles(n) * kDouble + tridiag::grid_points(n, threads) * int64_t(sizeof(int));
@@ -246,6 +247,15 @@ __global__ void __launch_bounds__(kMaxThreads, 2)
   cholesky::factor(a, n, tol, F + b * int64_t(n) * n, smem, iwork, threadIdx.x, blockDim.x, BlockSync{});
 }
 
+template <class M>
+void psd_cholesky_tile_cuda(const at::Tensor& a64, double tol, at::Tensor& F) {
+  constexpr int64_t bytes = cholesky::tile_workspace_doubles<M>() * int64_t(sizeof(double));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  psd_cholesky_tile_kernel<M><<<static_cast<unsigned>(a64.size(0)), M::kThreads, bytes, stream>>>(
+      a64.data_ptr<double>(), static_cast<int>(a64.size(1)), tol, F.data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 at::Tensor psd_cholesky_cuda(const at::Tensor& A, double tol) {
   check_square_batch("psd_cholesky", A);
   const c10::cuda::CUDAGuard guard(A.device());
@@ -256,17 +266,10 @@ at::Tensor psd_cholesky_cuda(const at::Tensor& A, double tol) {
   if (batch == 0 || n == 0) return F;
   GG_CHECK(batch < (int64_t(1) << 31), "psd_cholesky: batch too large (", batch, ")");
   if (use_tile(n)) {
-    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    if (n <= 64) {
-      constexpr int64_t bytes = cholesky::tile_workspace_doubles<Tile64>() * int64_t(sizeof(double));
-      psd_cholesky_tile_kernel<Tile64><<<static_cast<unsigned>(batch), Tile64::kThreads, bytes, stream>>>(
-          a64.data_ptr<double>(), n, tol, F.data_ptr<double>());
-    } else {
-      constexpr int64_t bytes = cholesky::tile_workspace_doubles<Tile128>() * int64_t(sizeof(double));
-      psd_cholesky_tile_kernel<Tile128><<<static_cast<unsigned>(batch), Tile128::kThreads, bytes, stream>>>(
-          a64.data_ptr<double>(), n, tol, F.data_ptr<double>());
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (n <= tile::Matrix64::NP)
+      psd_cholesky_tile_cuda<tile::Matrix64>(a64, tol, F);
+    else
+      psd_cholesky_tile_cuda<tile::Matrix128>(a64, tol, F);
     return F;
   }
   const int threads = block_threads(n);

@@ -8,8 +8,8 @@
 // Step j: the owners of pivot column p publish l = a[:, p] / sqrt(a[p, p]) (0 on rows already
 // pivoted) in shared memory and write column j of F, one barrier; every thread subtracts l·lᵀ
 // from its whole tile (no branches: l = 0 leaves pivoted rows and columns unchanged), the one
-// diagonal owner of each row group leaves its best candidate, one barrier, every thread reduces
-// the candidates (double-buffered) by a tree to the same next pivot.
+// diagonal owner of each row group leaves its best candidate (double-buffered), one barrier, and
+// every warp reduces the candidates to the same next pivot (lanes_best).
 #pragma once
 
 #include <cmath>
@@ -19,7 +19,7 @@
 #include "gradgeom/block_ops.h"
 #include "gradgeom/psd_cholesky.h"
 #include "gradgeom/tile_matrix.cuh"
-#include "gradgeom/tridiag_tile.cuh"  // NoProbe, column_block
+#include "gradgeom/tridiag_tile.cuh"  // NoProbe
 
 namespace gradgeom {
 namespace cholesky {
@@ -52,7 +52,8 @@ __device__ __forceinline__ Pivot lanes_best(const double* value, const int* row)
   const int r = lane < N ? row[lane] : -1;
   const unsigned long long key = r >= 0 ? ordered_key(value[lane]) : 0ull;
   const unsigned hi = __reduce_max_sync(0xffffffffu, static_cast<unsigned>(key >> 32));
-  const unsigned lo = __reduce_max_sync(0xffffffffu, static_cast<unsigned>(key >> 32) == hi ? static_cast<unsigned>(key) : 0u);
+  const unsigned lo =
+      __reduce_max_sync(0xffffffffu, static_cast<unsigned>(key >> 32) == hi ? static_cast<unsigned>(key) : 0u);
   const unsigned long long best = (static_cast<unsigned long long>(hi) << 32) | lo;
   const int best_row = __reduce_min_sync(0xffffffffu, (r >= 0 && key == best) ? r : 0x7fffffff);
   if (best_row == 0x7fffffff) return Pivot{0.0, -1, -1};

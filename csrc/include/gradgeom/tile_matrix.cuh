@@ -28,6 +28,8 @@ struct Matrix {
   static_assert(NP % TR == 0 && NP % TC == 0, "the grid must divide the padded size");
   static_assert(TC <= 32 && 32 % TC == 0, "a row group must sit inside one warp");
   static_assert(kThreads % 32 == 0, "whole warps");
+  // Blocks per SM for __launch_bounds__: tiles of 256 threads or fewer keep two (<= 128 registers).
+  static constexpr int kMinBlocks = kThreads <= 256 ? 2 : 1;
 
   double x[RI][CJ];
   int r, c;
@@ -51,13 +53,9 @@ struct Matrix {
   }
 };
 
-// Sum over the TC lanes of this lane's row group; every lane of the group gets the same bits.
-template <int TC>
-__device__ __forceinline__ double row_sum(double v) {
-#pragma unroll
-  for (int off = TC >> 1; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
+// The shapes the r x r ops use: n <= 64 and n <= 128.
+using Matrix64 = Matrix<64, 16, 16>;
+using Matrix128 = Matrix<128, 32, 16>;
 
 }  // namespace tile
 }  // namespace gradgeom

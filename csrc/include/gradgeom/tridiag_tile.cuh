@@ -55,20 +55,6 @@ __device__ __forceinline__ double tree_sum(const double* v) {
   return t[0];
 }
 
-// The thread's entries of column block b (uniform across the block) without indexing the tile
-// at run time.
-template <class M>
-__device__ __forceinline__ void column_block(const M& A, int b, double (&out)[M::RI]) {
-#pragma unroll
-  for (int a = 0; a < M::RI; ++a) out[a] = A.x[a][0];
-#pragma unroll
-  for (int bb = 1; bb < M::CJ; ++bb)
-    if (b == bb) {
-#pragma unroll
-      for (int a = 0; a < M::RI; ++a) out[a] = A.x[a][bb];
-    }
-}
-
 template <class M>
 struct TileWork {
   static constexpr int NP = M::NP;
@@ -283,8 +269,8 @@ __device__ void tridiagonalize_tile(M& A, int n, TileWork<M> ws, int tid, Probe&
 
 // Steps 1 and 2 for the tile's n x n matrix (destroyed): the tridiagonal matrix (d, e, e2 [n] each)
 // into tri [3n], and the scale exponent into *scale; or, for a non-finite, zero or 1 x 1 matrix,
-// the eigenvalues into w and kDone into *scale. ws: tile_workspace_doubles<M>() doubles of shared
-// memory.
+// the eigenvalues into w and kDone into *scale. smem: tile_workspace_doubles<M>() doubles of
+// shared memory.
 template <class M>
 __device__ void tridiag_tile(M& A, int n, double* smem, double* tri, int* scale, double* w, int tid) {
   if (n <= 0) return;
