@@ -64,9 +64,13 @@ bool compiled_with_cuda() {
 }  // namespace gradgeom
 
 #ifdef GRADGEOM_PYTHON_MODULE
+namespace gradgeom {
+PyMethodDef* python_methods();  // python_lists.cpp
+}
+
 // `import gradgeom._C` loads this library and with it the registrations above.
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, gradgeom::python_methods()};
   return PyModule_Create(&module);
 }
 #endif

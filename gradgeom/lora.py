@@ -14,7 +14,8 @@ All of it costs O((d + k)·r²) per adapter and never allocates a d×k buffer: o
 (pivoted PSD Cholesky, then one-block-per-matrix Householder + bisection eigenvalues on CUDA, or
 LAPACK on CPU) gives the spectrum. Norms and spectra of a list of pairs cost one native call
 (:func:`gradgeom.lora_ops.lora_fro`, :func:`gradgeom.lora_ops.lora_svdvals`), which issues
-those steps from C++, and little Python work per pair. The Gram
+those steps from C++; a list of pairs is read in C++ too
+(:func:`gradgeom.lora_ops.unboxed_call`), so there is little host work per pair. The Gram
 route squares the condition number; ``method="auto"`` detects adapters whose small singular
 values it cannot resolve (≈1 % accuracy bound) and recomputes those exactly (float64 thin QR of B
 and Aᵀ, then an r×r SVD). ``"auto"`` reads that flag from the device once (a host
@@ -36,6 +37,7 @@ import torch
 from torch import nn
 
 from gradgeom import _lora_core as core
+from gradgeom import lora_ops
 from gradgeom._lora_peft import FoundAdapter, discover, scaling_from_config
 
 __all__ = [
@@ -203,14 +205,44 @@ def _needs_grad(batch: _Batch) -> bool:
 def _exact_rows(Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor], method: str, sv: torch.Tensor, ill: torch.Tensor) -> list[int]:
     """Recompute by the exact route, in place, the rows of the Gram-route ``sv [n, R]`` that
     ``method`` asks for (``"auto"``: those flagged in ``ill [n]``); returns their indices."""
+    redo = _rows_to_redo(method, len(Bs), ill)
+    _recompute_exact(Bs, As, redo, sv)
+    return redo
+
+
+def _rows_to_redo(method: str, n: int, ill: torch.Tensor) -> list[int]:
+    """The rows ``method`` takes by the exact route: none (``"gram"``), all (``"qr"``) or the
+    flagged ones (``"auto"``, the one host read)."""
     if method == "gram":
         return []
-    redo = list(range(len(Bs))) if method == "qr" else ill.nonzero().flatten().tolist()  # the one host read of "auto"
+    return list(range(n)) if method == "qr" else ill.nonzero().flatten().tolist()
+
+
+def _recompute_exact(Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor], rows: list[int], sv: torch.Tensor) -> None:
+    """Rows ``rows`` of ``sv [n, R]`` by the exact float64 QR route, in place."""
     with torch.no_grad():
-        for i in redo:
+        for i in rows:
             r = Bs[i].shape[1]
             sv[i, :r] = core.qr_svdvals(Bs[i], As[i]) if core.finite(Bs[i], As[i]) else float("nan")
-    return redo
+
+
+def _unboxed_svdvals(pairs: Any, method: str) -> Optional[torch.Tensor]:
+    """σ(B·A) ``[n, R]`` of a list of pairs as :func:`_unscaled_svdvals` computes it, through
+    :func:`gradgeom.lora_ops.unboxed_call`; None where the general path must run."""
+    if method == "qr":
+        return None
+    got = lora_ops.unboxed_call(lora_ops.SVDVALS, pairs, flag=method == "auto")
+    if got is None:
+        return None
+    sv, ill, _ = got
+    redo = _rows_to_redo(method, sv.shape[0], ill)
+    if redo:
+        _recompute_exact(list(map(_first, pairs)), list(map(_second, pairs)), redo, sv)
+    return sv
+
+
+def _is_host_scalar(x: Any) -> bool:
+    return type(x) in (float, int)
 
 
 def _unscaled_svdvals(batch: _Batch, method: str) -> torch.Tensor:
@@ -264,6 +296,14 @@ def delta_norm(
     if ord not in ("fro", 2, "nuc"):
         raise ValueError(f"delta_norm: ord must be 'fro', 2 or 'nuc', got {ord!r}")
     _check_method("delta_norm", method)
+    if A is None and _is_host_scalar(scaling):  # a list of pairs: the shortcut past torch.ops
+        if ord == "fro":
+            out = lora_ops.unboxed_call(lora_ops.FRO, B)
+        else:
+            sv = _unboxed_svdvals(B, method)
+            out = None if sv is None else (sv.new_zeros(sv.shape[0]) if sv.shape[-1] == 0 else sv[:, 0] if ord == 2 else sv.sum(-1))
+        if out is not None:
+            return _scale(out, abs(float(scaling)))
     batch = _normalize("delta_norm", B, A, scaling)
     s = abs(batch.scal)
     if not batch.Bs:
@@ -314,6 +354,10 @@ def delta_svdvals(
         (float64 QR + SVD) when autograd is on and a factor requires grad.
     """
     _check_method("delta_svdvals", method)
+    if A is None and _is_host_scalar(scaling):  # a list of pairs: the shortcut past torch.ops
+        sv = _unboxed_svdvals(B, method)
+        if sv is not None:
+            return _rows_of(_scale(sv, abs(float(scaling))), map(_first, B))
     batch = _normalize("delta_svdvals", B, A, scaling)
     s = abs(batch.scal)
     if _needs_grad(batch):
@@ -330,10 +374,14 @@ def delta_svdvals(
         return _reshape_out(batch, _scale(sv[:, :r], s))
     if not batch.Bs:
         return []
-    sv = _unscaled_svdvals(batch, method)
-    rows = _scale(sv, s).unbind(0)
+    return _rows_of(_scale(_unscaled_svdvals(batch, method), s), batch.Bs)
+
+
+def _rows_of(sv: torch.Tensor, Bs: Any) -> list[torch.Tensor]:
+    """The rows of ``sv [n, R]``, row i cut to r_i = ``Bs[i].shape[1]``."""
+    rows = sv.unbind(0)
     R = sv.shape[-1]
-    ranks = _ranks_if_ragged(batch.Bs, R)
+    ranks = _ranks_if_ragged(list(Bs), R)
     if ranks is None:  # uniform r: the rows as they are
         return list(rows)
     return [row if r == R else row[:r] for row, r in zip(rows, ranks)]
@@ -421,17 +469,21 @@ def _as_found(obj: Any, adapter_name: Optional[str], op: str) -> list[FoundAdapt
     return out
 
 
-def _checked_native(op: str, found: Sequence[FoundAdapter], native: Any, *args: Any) -> Any:
-    """``native(Bs, As, *args)`` over the found adapters' factors (no autograd); on bad input,
-    name the offending adapter."""
-    return _checked_native_lists(op, list(map(_name, found)), list(map(_B, found)), list(map(_A, found)), native, *args)
+def _checked_native(op: str, found: Sequence[FoundAdapter], code: int, flag: bool) -> Any:
+    """The native op ``code`` (a :mod:`gradgeom.lora_ops` op code) with flag ``flag`` over the
+    found adapters' factors (no autograd); on bad input, name the offending adapter."""
+    return _checked_native_lists(op, list(map(_name, found)), list(map(_B, found)), list(map(_A, found)), code, flag)
 
 
-def _checked_native_lists(op: str, names: Sequence[str], Bs: list, As: list, native: Any, *args: Any) -> Any:
+def _checked_native_lists(op: str, names: Sequence[str], Bs: list, As: list, code: int, flag: bool) -> Any:
     """:func:`_checked_native` on parallel lists of names and factors."""
+    got = lora_ops.unboxed_call(code, Bs, As, flag=flag, no_grad=True)
+    if got is not None:
+        return got
+    native = torch.ops.gradgeom.lora_svdvals if code == lora_ops.SVDVALS else torch.ops.gradgeom.lora_principal_angles
     try:
         with torch.no_grad():
-            return native(Bs, As, *args)
+            return native(Bs, As, flag)
     except (ValueError, TypeError, RuntimeError):
         for name, B, A in zip(names, Bs, As):
             _check_pair(f"{op}: {name!r}", None, B, A, two_d=True)
@@ -548,7 +600,7 @@ def geometry(
     out: dict[str, AdapterGeometry] = {}
     for device, idx in _by_device(found).items():
         sub = [found[i] for i in idx]
-        sv, ill, fro_unscaled = _checked_native("geometry", sub, torch.ops.gradgeom.lora_svdvals, method == "auto")
+        sv, ill, fro_unscaled = _checked_native("geometry", sub, lora_ops.SVDVALS, method == "auto")
         redo = _exact_rows(list(map(_B, sub)), list(map(_A, sub)), method, sv, ill)
         ranks = [f.B.shape[1] for f in sub]
         n, R = sv.shape
@@ -683,7 +735,7 @@ def principal_angles(
         # One native call: Grams, factored bases, cosines (the steps of _lora_core.gram_bases and
         # cosines), then the one read back.
         try:
-            host = _checked_native_lists("principal_angles", sel + sel, Bs, As, torch.ops.gradgeom.lora_principal_angles,
+            host = _checked_native_lists("principal_angles", sel + sel, Bs, As, lora_ops.PRINCIPAL_ANGLES,
                                          method == "auto").cpu()
         except (ValueError, TypeError, RuntimeError):
             _angle_groups(names, B1, A1, B2, A2, strict=True)  # name the offending pair
@@ -692,7 +744,7 @@ def principal_angles(
         thetas = host[:, :K].unbind(0)
         cols = host[:, K:].t().tolist()
         dist, r1s, r2s, bads = cols[:4]
-        if method == "gram" and not any(bads):  # the common case: every pair on the Gram route
+        if method != "qr" and not any(bads) and (method == "gram" or not any(cols[4])):  # every pair on the Gram route
             r1s, r2s = list(map(int, r1s)), list(map(int, r2s))
             ks = list(map(min, r1s, r2s))
             if ks.count(K) != n:

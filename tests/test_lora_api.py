@@ -446,3 +446,23 @@ def test_geometry_batched_stats_match_per_adapter_stats():
     for j, r in enumerate(ranks):
         ref = _stats(sv[j, :r].clone(), fro[j])
         assert all((a == b) or (math.isnan(a) and math.isnan(b)) for a, b in zip(got[j], ref)), (j, got[j], ref)
+
+
+def test_principal_angles_auto_routes(device):
+    """method="auto": pairs the Gram route resolves keep it (the vectorised path when none is
+    flagged), a flagged pair goes exact, and the Gram pairs' results are those of "gram"."""
+    torch.manual_seed(4)
+    good = {name: (rand((64, 8), torch.float32, device), rand((8, 48), torch.float32, device)) for name in "abc"}
+    moved = {name: ((B.double() + 0.3 * rand(B.shape, torch.float64, device)).float(), A) for name, (B, A) in good.items()}
+    B = (rand((96, 6), torch.float64, device) @ rand((6, 16), torch.float64, device)).float()  # rank 6 of 16
+    ill = {"ill": (B, rand((16, 80), torch.float32, device))}
+    ill2 = {"ill": ((B.double() + 0.1 * rand(B.shape, torch.float64, device)).float(), ill["ill"][1])}
+    gram = lora.principal_angles(good, moved, method="gram")
+    auto = lora.principal_angles(good, moved, method="auto")
+    assert [p.route for p in auto.values()] == ["gram"] * 3
+    for name in good:
+        assert torch.equal(auto[name].angles, gram[name].angles) and auto[name].distance == gram[name].distance
+    mixed = lora.principal_angles({**good, **ill}, {**moved, **ill2}, method="auto")  # R = 16 now: other rounding
+    assert [p.route for p in mixed.values()] == ["gram"] * 3 + ["qr"]
+    for name in good:
+        torch.testing.assert_close(mixed[name].angles, gram[name].angles, rtol=0, atol=1e-12)
