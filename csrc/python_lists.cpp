@@ -2,14 +2,14 @@
 //
 // torch.ops.gradgeom.<op>(Bs, As) converts every tensor of both lists into an IValue and back
 // (85 us for the 448 factors of 224 adapters on the 2-core development machine, more than the
-// ops' own host work). This entry reads
-// the lists with the CPython API, unpacks plain tensors in place and calls the same operator
-// through the dispatcher's typed (unboxed) path, so every dispatch key (CPU, CUDA, Python
-// dispatch modes) is honoured. It returns None, for the caller to take torch.ops, wherever
-// that shortcut could differ: a tensor subclass other than Parameter (its __torch_function__
-// must run), an active torch function mode, a factor that requires grad while grad mode is on,
-// an element that is not a tensor or a malformed pair, an empty list. Compiled only into the
-// Python extension (GRADGEOM_PYTHON_MODULE); the CMake library has no Python.
+// ops' own host work). This entry reads the lists with the CPython API, unpacks plain tensors in
+// place and calls the same operator through the dispatcher's typed (unboxed) path, so every
+// dispatch key (CPU, CUDA, Python dispatch modes) is honoured. It returns None, for the caller to
+// take torch.ops, wherever that shortcut could differ: a tensor subclass other than Parameter
+// (its __torch_function__ must run), an active torch function mode, a factor that requires grad
+// while grad mode is on, an element that is not a tensor or a malformed pair, an empty list.
+// Compiled only into the Python extension (GRADGEOM_PYTHON_MODULE); the CMake library has no
+// Python.
 #ifdef GRADGEOM_PYTHON_MODULE
 
 #include <ATen/PythonTorchFunctionTLS.h>
