@@ -301,7 +301,7 @@ def delta_norm(
             out = lora_ops.unboxed_call(lora_ops.FRO, B)
         else:
             sv = _unboxed_svdvals(B, method)
-            out = None if sv is None else (sv.new_zeros(sv.shape[0]) if sv.shape[-1] == 0 else sv[:, 0] if ord == 2 else sv.sum(-1))
+            out = None if sv is None else _norm_of_svdvals(sv, ord)
         if out is not None:
             return _scale(out, abs(float(scaling)))
     batch = _normalize("delta_norm", B, A, scaling)
@@ -329,12 +329,15 @@ def delta_norm(
     if ord == "fro":
         out = _native(batch, torch.ops.gradgeom.lora_fro)
     else:
-        sv = _unscaled_svdvals(batch, method)
-        if sv.shape[-1] == 0:
-            out = sv.new_zeros(sv.shape[0])
-        else:
-            out = sv[:, 0] if ord == 2 else sv.sum(-1)
+        out = _norm_of_svdvals(_unscaled_svdvals(batch, method), ord)
     return _reshape_out(batch, _scale(out, s))
+
+
+def _norm_of_svdvals(sv: torch.Tensor, ord: Union[str, int]) -> torch.Tensor:
+    """``[n]``: the spectral (``ord=2``) or nuclear norm from the singular values ``sv [n, R]``."""
+    if sv.shape[-1] == 0:
+        return sv.new_zeros(sv.shape[0])
+    return sv[:, 0] if ord == 2 else sv.sum(-1)
 
 
 def delta_svdvals(
