@@ -540,3 +540,26 @@ def test_cuda_many_ragged_adapters(ranks):
     rb, ra = reference.lora_gram(Bs, As)
     assert_gram_close(gb, rb, torch.bfloat16)
     assert_gram_close(ga, ra, torch.bfloat16)
+
+
+@pytest.mark.parametrize("n", [1, 2, 40])
+def test_cpu_lora_gram_bits_do_not_depend_on_threads(n):
+    """The CPU kernel shares out whole jobs when there are enough of them, else blocks of rows;
+    either way each Gram sums its blocks in row order in fp64, so the thread count (which picks the
+    way) never changes a bit."""
+    g = torch.Generator().manual_seed(9)
+    Bs = [torch.randn(700 + 97 * i, 3 + 7 * (i % 5), generator=g) for i in range(n)]
+    As = [torch.randn(B.shape[1], 600 + 31 * i, generator=g).to(torch.bfloat16) for i, B in enumerate(Bs)]
+    before = torch.get_num_threads()
+    try:
+        got = []
+        for threads in (1, 3, 8):
+            torch.set_num_threads(threads)
+            got.append(lora_ops.lora_gram(Bs, As))
+    finally:
+        torch.set_num_threads(before)
+    for gb, ga in got[1:]:
+        assert torch.equal(gb, got[0][0]) and torch.equal(ga, got[0][1])
+    rb, ra = reference.lora_gram(Bs, As)
+    assert_gram_close(got[0][0], rb, torch.float32)
+    assert_gram_close(got[0][1], ra, torch.bfloat16)
