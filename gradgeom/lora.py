@@ -483,7 +483,7 @@ def _checked_native_lists(op: str, names: Sequence[str], Bs: list, As: list, cod
     got = lora_ops.unboxed_call(code, Bs, As, flag=flag, no_grad=True)
     if got is not None:
         return got
-    native = torch.ops.gradgeom.lora_svdvals if code == lora_ops.SVDVALS else torch.ops.gradgeom.lora_principal_angles
+    native = {lora_ops.SVDVALS: torch.ops.gradgeom.lora_svdvals, lora_ops.PRINCIPAL_ANGLES: torch.ops.gradgeom.lora_principal_angles}[code]
     try:
         with torch.no_grad():
             return native(Bs, As, flag)
