@@ -11,7 +11,6 @@
 #include <ATen/TensorOperators.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/arange.h>
 #include <ATen/ops/arccos.h>
 #include <ATen/ops/cat.h>
@@ -41,28 +40,25 @@
 #include "gradgeom/device_upload.h"
 #include "gradgeom/lora_tolerances.h"
 #include "gradgeom/rxr_check.h"
+#include "gradgeom/typed_op.h"
 
 namespace gradgeom {
 namespace {
 
 std::tuple<at::Tensor, at::Tensor> lora_gram(at::TensorList Bs, at::TensorList As) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("gradgeom::lora_gram", "")
-                             .typed<std::tuple<at::Tensor, at::Tensor>(at::TensorList, at::TensorList)>();
+  static const auto op =
+      typed_op<std::tuple<at::Tensor, at::Tensor>(at::TensorList, at::TensorList)>("gradgeom::lora_gram");
   return op.call(Bs, As);
 }
 
 at::Tensor psd_cholesky(const at::Tensor& A, double tol) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("gradgeom::psd_cholesky", "")
-                             .typed<at::Tensor(const at::Tensor&, double)>();
+  static const auto op = typed_op<at::Tensor(const at::Tensor&, double)>("gradgeom::psd_cholesky");
   return op.call(A, tol);
 }
 
 std::tuple<at::Tensor, at::Tensor> sym_eigh(const at::Tensor& A, bool vectors) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("gradgeom::sym_eigh", "")
-                             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, bool)>();
+  static const auto op =
+      typed_op<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, bool)>("gradgeom::sym_eigh");
   return op.call(A, vectors);
 }
 

@@ -13,7 +13,6 @@
 #ifdef GRADGEOM_PYTHON_MODULE
 
 #include <ATen/PythonTorchFunctionTLS.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/GradMode.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
@@ -21,6 +20,8 @@
 
 #include <tuple>
 #include <vector>
+
+#include "gradgeom/typed_op.h"
 
 namespace gradgeom {
 namespace {
@@ -63,11 +64,6 @@ bool read_factors(PyObject* first, PyObject* second, std::vector<at::Tensor>& Bs
   return true;
 }
 
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> typed_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
-
 PyObject* wrap(const at::Tensor& t) { return THPVariable_Wrap(t); }
 
 template <typename... Ts>
@@ -103,8 +99,8 @@ PyObject* call(int op, TensorList Bs, TensorList As, bool flag) {
       return without_gil([&] { return h.call(Bs, As); });
     }
     case kSvdvals: {
-      static const auto h =
-          typed_op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(TensorList, TensorList, bool)>("gradgeom::lora_svdvals");
+      using Result = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+      static const auto h = typed_op<Result(TensorList, TensorList, bool)>("gradgeom::lora_svdvals");
       return without_gil([&] { return h.call(Bs, As, flag); });
     }
     case kPrincipalAngles: {
@@ -116,7 +112,8 @@ PyObject* call(int op, TensorList Bs, TensorList As, bool flag) {
       return without_gil([&] { return h.call(Bs, As); });
     }
     default:
-      TORCH_CHECK_VALUE(false, "_lora_call: op must be 0 (lora_fro), 1 (lora_svdvals), 2 (lora_principal_angles) or 3 (lora_gram)");
+      TORCH_CHECK_VALUE(false, "_lora_call: op must be 0 (lora_fro), 1 (lora_svdvals), 2 (lora_principal_angles) ",
+                        "or 3 (lora_gram)");
   }
 }
 

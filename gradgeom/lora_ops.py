@@ -44,11 +44,11 @@ def unboxed_call(op: int, first: object, second: object = None, *, flag: bool = 
 
     ``torch.ops`` converts every tensor of both lists to an IValue and back (85 µs for the 448
     factors of 224 adapters on a 2-core machine, more than the ops' own host work); this reads
-    them in place and calls the same operator through the dispatcher. It returns None, for the caller to take the general
-    path, where that could differ: under ``torch.compile``, with a torch function mode, a tensor
-    subclass other than Parameter, a factor that requires grad while grad mode is on (unless
-    ``no_grad``), an element that is not a tensor, an empty list, or an error (the general path
-    raises it with a message that names the offending pair).
+    them in place and calls the same operator through the dispatcher. It returns None, for the
+    caller to take the general path, where that could differ: under ``torch.compile``, with a
+    torch function mode, a tensor subclass other than Parameter, a factor that requires grad
+    while grad mode is on (unless ``no_grad``), an element that is not a tensor, an empty list,
+    or an error (the general path raises it with a message that names the offending pair).
 
     Args:
         op: :data:`FRO` (lora_fro), :data:`SVDVALS` (lora_svdvals, ``flag`` = flag_ill),

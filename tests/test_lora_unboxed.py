@@ -12,6 +12,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from gradgeom import lora, lora_ops
+from test_lora_pipeline import assert_same_bits
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -25,11 +26,9 @@ def factors(device="cpu", n=5, dtypes=(torch.float32, torch.bfloat16, torch.floa
 
 
 def same_bits(got, ref):
+    """assert_same_bits for a tensor, or for each tensor of a tuple."""
     if isinstance(ref, torch.Tensor):
-        assert got.dtype == ref.dtype and got.shape == ref.shape and got.device == ref.device
-        if ref.dtype == torch.float64:
-            got, ref = got.view(torch.int64), ref.view(torch.int64)
-        assert torch.equal(got, ref)
+        assert_same_bits(got, ref)
         return
     assert type(got) is tuple and len(got) == len(ref)
     for a, b in zip(got, ref):
