@@ -35,6 +35,17 @@ def assert_gram_close(got, ref, dtype):
     assert torch.equal(got, got.mT)
 
 
+def assert_grams_match_and_repeat(Bs, As, dtype):
+    """lora_gram(Bs, As) matches the float64 reference within dtype's tolerance and a second call
+    gives the same bits."""
+    gb, ga = lora_ops.lora_gram(Bs, As)
+    rb, ra = reference.lora_gram(Bs, As)
+    assert_gram_close(gb, rb, dtype)
+    assert_gram_close(ga, ra, dtype)
+    again = lora_ops.lora_gram(Bs, As)
+    assert torch.equal(gb, again[0]) and torch.equal(ga, again[1])
+
+
 @pytest.fixture(params=DEVICES)
 def device(request):
     return torch.device(request.param)
@@ -101,12 +112,32 @@ def test_lora_gram_tensor_core_layouts(dtype, r):
         rand((k, r), dtype, dev).t(),                  # A stored transposed: rows of X contiguous
         rand((r, 8), dtype, dev),
     ]
-    gb, ga = lora_ops.lora_gram(Bs, As)
-    rb, ra = reference.lora_gram(Bs, As)
-    assert_gram_close(gb, rb, dtype)
-    assert_gram_close(ga, ra, dtype)
-    again = lora_ops.lora_gram(Bs, As)
-    assert torch.equal(gb, again[0]) and torch.equal(ga, again[1])
+    assert_grams_match_and_repeat(Bs, As, dtype)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("r", [2, 6, 18, 34, 66, 100, 126])
+def test_lora_gram_tensor_core_4_byte_lines(dtype, r):
+    """Dense 16-bit factors whose lines are 4-byte but not 16-byte aligned (even r or k not a
+    multiple of 8, or a view starting 2 elements in) take the tensor cores with 4-byte copies;
+    odd line strides (d = 4133 for a transposed B, k = 33) take the CUDA cores. All match the
+    reference, and repeat to the bit."""
+    dev = torch.device("cuda")
+    d, k = 4133, 4130
+    Bs = [
+        rand((d, r), dtype, dev),                      # rows of X: 2r bytes apart
+        rand((d, r + 2), dtype, dev)[:, 2:],           # starts 4 bytes into each row
+        rand((r, d), dtype, dev).t(),                  # columns of X contiguous, d odd: CUDA cores
+        rand((65537, r), dtype, dev, 1e-2),            # many splits
+    ]
+    As = [
+        rand((r, k), dtype, dev, 0.1),                 # columns of X = Aᵀ: k = 4130 elements apart
+        rand((r, k + 2), dtype, dev)[:, 2:],           # view starting 4 bytes in
+        rand((k, r), dtype, dev).t(),                  # A stored transposed: rows of X contiguous
+        rand((r, 33), dtype, dev),                     # odd line: CUDA cores
+    ]
+    assert_grams_match_and_repeat(Bs, As, dtype)
 
 
 @requires_cuda
@@ -540,6 +571,29 @@ def test_cuda_many_ragged_adapters(ranks):
     rb, ra = reference.lora_gram(Bs, As)
     assert_gram_close(gb, rb, torch.bfloat16)
     assert_gram_close(ga, ra, torch.bfloat16)
+
+
+@requires_cuda
+@pytest.mark.parametrize("shape", ["one_long", "many_short", "mixed"])
+def test_cuda_wide_grams_long_short_and_many(shape):
+    """Tensor-core jobs with 64 < r <= 128 (the wide kernel): one factor long enough to be split
+    into a hundred row splits merged in fp64, hundreds of short jobs with r from 72 to 128, and
+    long and short ones mixed, both 16-bit dtypes. Every Gram matches the float64 reference,
+    is exactly symmetric (assert_gram_close) and repeats to the bit."""
+    g = torch.Generator().manual_seed(11)
+    dev = torch.device("cuda")
+    if shape == "one_long":
+        dims = [(300_001, 96, 70)]
+    elif shape == "many_short":
+        dims = [(1100 + 37 * i, 72 + 8 * (i % 8), 896 + 16 * i) for i in range(300)]
+    else:
+        dims = [(int(x), 128, 8 * int(y)) for x, y in torch.randint(1, 20_000, (40, 2), generator=g)]
+    Bs, As = [], []
+    for i, (d, r, k) in enumerate(dims):
+        dtype = torch.float16 if i % 2 else torch.bfloat16
+        Bs.append(torch.randn(d, r, generator=g).to(dev, dtype))
+        As.append((torch.randn(r, k, generator=g) * 0.1).to(dev, dtype))
+    assert_grams_match_and_repeat(Bs, As, torch.bfloat16)
 
 
 @pytest.mark.parametrize("n", [1, 2, 40])

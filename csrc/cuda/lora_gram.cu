@@ -1,7 +1,8 @@
 // lora_gram on CUDA. Every Gram job XᵀX (lora_gram_plan.h) is split along X's rows; each split
 // is one work unit, and units take one of two paths:
 //  * tensor cores (mma_gram.cuh): fp16/bf16 factors with r <= 128 laid out densely (B [d, r] or
-//    A [r, k] row-major, 16-byte aligned), on sm_80+: the whole r x r Gram of the split per block;
+//    A [r, k] row-major, rows 4-byte aligned), on sm_80+: the whole r x r Gram of the split per
+//    block;
 //  * CUDA cores (everything else): one 64 x 64 tile on or above the diagonal per block; the block
 //    stages a chunk of rows of the two column panels in shared memory (widened to fp32, or fp64
 //    for fp64 input) and each thread accumulates a register tile (4 x 4; 1 x 1 or 2 x 2 for a
@@ -174,8 +175,10 @@ __global__ void __launch_bounds__(kThreads) gram_units_kernel(const DeviceGramJo
 }
 
 // Job DeviceGramJob::mma code: bits 0-7 W, bits 8-15 layout, bit 16 "direct": the job has one
-// split, whose Gram goes straight into the [n, R, R] output instead of the partials.
+// split, whose Gram goes straight into the [n, R, R] output instead of the partials; bit 17:
+// 4-byte copies (mma_gram::Job::copy4).
 constexpr int32_t kDirect = 1 << 16;
+constexpr int32_t kCopy4 = 1 << 17;
 
 template <bool kWide>
 __global__ void __launch_bounds__(mma_gram::Ring<kWide>::kThreads, kWide ? 1 : 2)
@@ -186,7 +189,7 @@ __global__ void __launch_bounds__(mma_gram::Ring<kWide>::kThreads, kWide ? 1 : 2
   const DeviceGramJob job = jobs[u.job];
   const int64_t begin = int64_t(u.split) * job.rows_per_split;
   mma_gram::Job mj{static_cast<const uint16_t*>(job.data), begin, min(job.rows, begin + job.rows_per_split),
-                   job.row_stride, job.col_stride, job.cols, nullptr, job.cols};
+                   job.row_stride, job.col_stride, job.cols, nullptr, job.cols, (job.mma & kCopy4) != 0};
   if (job.mma & kDirect) {
     mj.out = ((u.job & 1) ? out_a : out_b) + int64_t(u.job / 2) * R * R;
     mj.ld = R;
@@ -248,16 +251,29 @@ DeviceFacts device_facts(int device) {
 // The tensor-core path code of a job (DeviceGramJob::mma), or 0 when it must take CUDA cores.
 int32_t mma_path(const GramJob& g) {
   if (g.type != ElemType::kFloat16 && g.type != ElemType::kBFloat16) return 0;
-  if (g.cols < 1 || g.cols > 128 || g.rows == 0 || reinterpret_cast<uintptr_t>(g.data) % 16 != 0) return 0;
+  if (g.cols < 1 || g.cols > 128 || g.rows == 0) return 0;
+  // X's contiguous lines (columns for kColumns, rows for kRows) start every `line` elements.
   int32_t layout;
-  if (g.row_stride == 1 && g.col_stride % 8 == 0)
+  int64_t line;
+  if (g.row_stride == 1 && g.cols > 1) {
     layout = mma_gram::kColumns;
-  else if (g.col_stride == 1 && g.row_stride % 8 == 0)
+    line = g.col_stride;
+  } else if (g.col_stride == 1) {
     layout = mma_gram::kRows;
+    line = g.row_stride;
+  } else {
+    return 0;
+  }
+  const auto address = reinterpret_cast<uintptr_t>(g.data);
+  int32_t copies;
+  if (address % 16 == 0 && line % 8 == 0)
+    copies = 0;
+  else if (address % 4 == 0 && line % 2 == 0)
+    copies = kCopy4;
   else
     return 0;
   const int32_t width = g.cols <= 16 ? 16 : (g.cols <= 32 ? 32 : (g.cols <= 64 ? 64 : 128));
-  return width | layout << 8;
+  return width | layout << 8 | copies;
 }
 
 std::tuple<at::Tensor, at::Tensor> lora_gram_cuda(at::TensorList Bs, at::TensorList As) {

@@ -2,8 +2,9 @@
 // X [m, r] with r <= 128, read in place through one of its two dense layouts:
 //   kColumns: each column of X is contiguous (X = Aᵀ for a row-major A [r, k]);
 //   kRows:    each row of X is contiguous (X = B, a row-major B [d, r]).
-// A block streams chunks of X into shared memory with cp.async (16-byte copies, zero-filled past
-// the end of the split and past column r) through a ring of stages, and multiplies them with
+// A block streams chunks of X into shared memory with cp.async (16-byte copies, or 4-byte ones
+// where X's lines are only 4-byte aligned, as for B [d, r] with even r not a multiple of 8;
+// zero-filled past the end of the split and past column r) through a ring of stages, and multiplies them with
 // mma.sync m16n8k16 (bf16/fp16 in, fp32 accumulate: the products are exact; each chunk's sum is
 // added to the running one with IEEE rounding). The r columns are padded to W in {16, 32, 64,
 // 128}.
@@ -54,6 +55,7 @@ struct Job {
   int cols;            // r
   double* out;         // the r x r result goes to out[i * ld + j]
   int64_t ld;
+  bool copy4 = false;  // 4-byte copies: X's contiguous lines are 4-byte aligned, not 16-byte
 };
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
@@ -62,6 +64,9 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
 
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int bytes) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
+}
+__device__ __forceinline__ void cp_async4(uint32_t dst, const void* src, int bytes) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
@@ -132,9 +137,18 @@ struct Stage {
     return 2u * static_cast<uint32_t>(kLayout == kColumns ? col * kPitch + row : row * kPitch + col);
   }
 
-  // The 16-byte copies v = tid, tid + kThreads, ... of the chunk at row0.
+  // The 16-byte vectors v = tid, tid + kThreads, ... of the chunk at row0 (one loop per copy
+  // size, so that the 16-byte one stays as lean as it was alone).
   template <int kThreads>
   static __device__ __forceinline__ void load(const Job& job, int64_t row0, uint32_t stage, int tid) {
+    if (job.copy4)
+      load_vectors<kThreads, true>(job, row0, stage, tid);
+    else
+      load_vectors<kThreads, false>(job, row0, stage, tid);
+  }
+
+  template <int kThreads, bool kCopy4>
+  static __device__ __forceinline__ void load_vectors(const Job& job, int64_t row0, uint32_t stage, int tid) {
     constexpr int kVecs = kChunkElems / 8;
     for (int v = tid; v < kVecs; v += kThreads) {
       int row, col, bytes;
@@ -152,7 +166,15 @@ struct Stage {
         bytes = row0 + row < job.row_end && left > 0 ? 2 * (left < 8 ? left : 8) : 0;
         if (bytes) src += (row0 + row) * job.row_stride + col;
       }
-      cp_async16(stage + offset(row, col), src, bytes);
+      if (!kCopy4) {
+        cp_async16(stage + offset(row, col), src, bytes);
+      } else {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const int part = min(max(bytes - 4 * q, 0), 4);
+          cp_async4(stage + offset(row, col) + 4 * q, part ? src + 2 * q : job.data, part);
+        }
+      }
     }
   }
 
