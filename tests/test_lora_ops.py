@@ -165,6 +165,18 @@ def test_lora_gram_deterministic(device):
         assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
 
 
+def test_lora_gram_zero_rank_among_others(device):
+    """An r = 0 adapter in a list whose other adapters have r > 0: its Gram is all zeros (a 0 x 0
+    block of the padded output) and it leaves the others alone."""
+    Bs = [rand((5, 0), torch.float32, device), rand((300, 3), torch.bfloat16, device), rand((0, 0), torch.float32, device)]
+    As = [rand((0, 7), torch.float32, device), rand((3, 290), torch.bfloat16, device), rand((0, 4), torch.float32, device)]
+    gb, ga = lora_ops.lora_gram(Bs, As)
+    rb, ra = reference.lora_gram(Bs, As)
+    assert gb.shape == (3, 3, 3) and torch.all(gb[0] == 0) and torch.all(ga[2] == 0)
+    assert_gram_close(gb, rb, torch.bfloat16)
+    assert_gram_close(ga, ra, torch.bfloat16)
+
+
 def test_lora_gram_empty_list():
     gb, ga = lora_ops.lora_gram([], [])
     assert gb.shape == (0, 0, 0) and ga.shape == (0, 0, 0) and gb.dtype == torch.float64

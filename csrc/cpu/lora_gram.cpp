@@ -2,10 +2,11 @@
 // rows; whole jobs run in parallel (at::parallel_for) when there are at least two per thread,
 // else their blocks do. A block gathers its rows into a small row-major buffer (widened to fp32,
 // fp64 for fp64 input; walking memory in the order the strides favour, columns zero-padded to a
-// multiple of kTileCols), then accumulates each register tile on or above the diagonal of its
-// r x r partial over the rows in order, as outer products (SIMD across the tile's columns, no
-// reassociation). The partials of a job are summed in block order in fp64, so the result does
-// not depend on the thread count.
+// multiple of kTileCols; the buffers are kept by the thread from block to block), then
+// accumulates each register tile on or above the diagonal of its r x r partial over the rows in
+// order, as outer products (SIMD across the tile's columns, no reassociation), a slice of rows
+// that fits the L1 cache at a time. The partials of a job are summed in block order in fp64, so
+// the result does not depend on the thread count.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/zeros.h>
@@ -13,6 +14,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
 #include <tuple>
 #include <vector>
@@ -25,6 +27,7 @@ namespace {
 constexpr int64_t kRows = 256;  // rows per parallel block
 constexpr int kTileRows = 8;    // register tile of a block's Gram: kTileRows x kTileCols entries
 constexpr int kTileCols = 16;
+constexpr int64_t kSliceBytes = 16 << 10;  // rows of the block buffer walked per pass over the tiles
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define GG_LORA_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -41,15 +44,25 @@ inline double widen<double, double>(double v) {
   return v;
 }
 
-// xt[t * rp + c] = X[row0 + t, c] for t < rows, c < r; zero elsewhere (xt is zero on entry).
+// Rows of a block buffer with rp columns that fill about kSliceBytes (the part kept in L1).
+template <typename Acc>
+inline int64_t slice_rows(int64_t rp) {
+  return std::max<int64_t>(8, kSliceBytes / (std::max<int64_t>(rp, 1) * static_cast<int64_t>(sizeof(Acc))));
+}
+
+// xt[t * rp + c] = X[row0 + t, c] for t < rows, c < r (the other columns of xt stay zero).
 template <typename Acc, typename Src>
 void gather(const GramJob& job, int64_t row0, int64_t rows, int64_t rp, Acc* xt) {
   const Src* base = static_cast<const Src*>(job.data);
   const int64_t r = job.cols, rs = job.row_stride, cs = job.col_stride;
-  if (rs == 1 && cs != 1) {  // X = Aᵀ of a row-major A: walk along A's rows
-    for (int64_t c = 0; c < r; ++c) {
-      const Src* col = base + c * cs + row0;
-      for (int64_t t = 0; t < rows; ++t) xt[t * rp + c] = widen<Acc, Src>(col[t]);
+  if (rs == 1 && cs != 1) {  // X = Aᵀ of a row-major A: walk along A's rows, for a slice of xt at a time
+    const int64_t slice = slice_rows<Acc>(rp);
+    for (int64_t t0 = 0; t0 < rows; t0 += slice) {
+      const int64_t t1 = std::min(rows, t0 + slice);
+      for (int64_t c = 0; c < r; ++c) {
+        const Src* col = base + c * cs + row0;
+        for (int64_t t = t0; t < t1; ++t) xt[t * rp + c] = widen<Acc, Src>(col[t]);
+      }
     }
   } else {
     for (int64_t t = 0; t < rows; ++t) {
@@ -63,52 +76,110 @@ void gather(const GramJob& job, int64_t row0, int64_t rows, int64_t rp, Acc* xt)
 typedef float FloatLanes __attribute__((vector_size(kTileCols * sizeof(float))));
 typedef double DoubleLanes __attribute__((vector_size(kTileCols * sizeof(double))));
 
-// out[i * rp + j] = Σ_t xt[t][i]·xt[t][j] over the block's kRows rows, in row order, for i < r
+// out[i * rp + j] = Σ_t xt[t][i]·xt[t][j] over the block's rows t < rows, in row order, for i < r
 // (rounded up to kTileRows) in the kTileRows x kTileCols tiles that reach the diagonal or lie
 // above it: outer products of each row with itself, so one loaded vector of kTileCols columns
-// feeds kTileRows products. One call per block, so the SIMD dispatch costs nothing per entry.
-template <typename Acc, typename Lanes>
-__attribute__((always_inline)) inline void block_products_impl(const Acc* __restrict xt, int64_t r, int64_t rp,
-                                                               Acc* __restrict out) {
-  for (int64_t i0 = 0; i0 < r; i0 += kTileRows) {
-    for (int64_t j0 = i0 / kTileCols * kTileCols; j0 < rp; j0 += kTileCols) {
-      Lanes acc[kTileRows] = {};
-      for (int64_t t = 0; t < kRows; ++t) {
-        const Acc* x = xt + t * rp;
-        Lanes v;
-        std::memcpy(&v, x + j0, sizeof(Lanes));
-        for (int a = 0; a < kTileRows; ++a) acc[a] += x[i0 + a] * v;
+// feeds kTileRows products. The rows go in slices of about kSliceBytes, each slice through every
+// tile while it sits in L1 (a tile's sums wait in out between slices: the same operations in the
+// same order as one pass). One call per block, so the SIMD dispatch costs nothing per entry.
+// kTileRows x (kPanels * kTileCols) entries of out from rows [t0, t1) of xt, starting from zero
+// (t0 == 0) or from what out holds.
+template <int kPanels, typename Acc, typename Lanes>
+__attribute__((always_inline)) inline void tile_products(const Acc* __restrict xt, int64_t t0, int64_t t1,
+                                                         int64_t rp, int64_t i0, int64_t j0, Acc* __restrict out) {
+  Lanes acc[kPanels][kTileRows] = {};
+  if (t0 > 0)
+    for (int p = 0; p < kPanels; ++p)
+      for (int a = 0; a < kTileRows; ++a)
+        std::memcpy(&acc[p][a], out + (i0 + a) * rp + j0 + p * kTileCols, sizeof(Lanes));
+#pragma GCC unroll 4
+  for (int64_t t = t0; t < t1; ++t) {
+    const Acc* x = xt + t * rp;
+    Lanes v[kPanels];
+    for (int p = 0; p < kPanels; ++p) std::memcpy(&v[p], x + j0 + p * kTileCols, sizeof(Lanes));
+    for (int a = 0; a < kTileRows; ++a) {
+      if constexpr (kPanels == 1) {
+        acc[0][a] += x[i0 + a] * v[0];  // the broadcast stays a memory operand of the FMA
+      } else {
+        const Acc xa = x[i0 + a];
+        for (int p = 0; p < kPanels; ++p) acc[p][a] += xa * v[p];
       }
-      for (int a = 0; a < kTileRows; ++a) std::memcpy(out + (i0 + a) * rp + j0, &acc[a], sizeof(Lanes));
+    }
+  }
+  for (int p = 0; p < kPanels; ++p)
+    for (int a = 0; a < kTileRows; ++a)
+      std::memcpy(out + (i0 + a) * rp + j0 + p * kTileCols, &acc[p][a], sizeof(Lanes));
+}
+
+// out[i * rp + j] = Σ_t xt[t][i]·xt[t][j] over the block's rows t < rows, in row order, for i < r
+// (rounded up to kTileRows) in the kTileRows x kTileCols tiles that reach the diagonal or lie
+// above it: outer products of each row with itself, two tiles side by side where they fit, so
+// one loaded value of a row feeds 2 x kTileCols products. The rows go in slices of about
+// kSliceBytes, each slice through every tile while it sits in L1 (a tile's sums wait in out
+// between slices: the same operations in the same order as one pass). One call per block, so the
+// SIMD dispatch costs nothing per entry.
+template <typename Acc, typename Lanes>
+__attribute__((always_inline)) inline void block_products_impl(const Acc* __restrict xt, int64_t rows, int64_t r,
+                                                               int64_t rp, Acc* __restrict out) {
+  const int64_t slice = slice_rows<Acc>(rp);
+  for (int64_t t0 = 0; t0 < rows; t0 += slice) {
+    const int64_t t1 = std::min(rows, t0 + slice);
+    for (int64_t i0 = 0; i0 < r; i0 += kTileRows) {
+      int64_t j0 = i0 / kTileCols * kTileCols;
+      for (; j0 + 2 * kTileCols <= rp; j0 += 2 * kTileCols) tile_products<2, Acc, Lanes>(xt, t0, t1, rp, i0, j0, out);
+      if (j0 < rp) tile_products<1, Acc, Lanes>(xt, t0, t1, rp, i0, j0, out);
     }
   }
 }
 
-GG_LORA_SIMD_CLONES void block_products(const float* xt, int64_t r, int64_t rp, float* out) {
-  block_products_impl<float, FloatLanes>(xt, r, rp, out);
+GG_LORA_SIMD_CLONES void block_products(const float* xt, int64_t rows, int64_t r, int64_t rp, float* out) {
+  block_products_impl<float, FloatLanes>(xt, rows, r, rp, out);
 }
-GG_LORA_SIMD_CLONES void block_products(const double* xt, int64_t r, int64_t rp, double* out) {
-  block_products_impl<double, DoubleLanes>(xt, r, rp, out);
+GG_LORA_SIMD_CLONES void block_products(const double* xt, int64_t rows, int64_t r, int64_t rp, double* out) {
+  block_products_impl<double, DoubleLanes>(xt, rows, r, rp, out);
 }
+
+// A thread's block buffers for one accumulation type, kept from block to block: xt is zeroed
+// only when r changes (gather writes the same columns of every block; rows past a short block's
+// end are never read).
+template <typename Acc>
+struct BlockBuffers {
+  int64_t r = -1;
+  int64_t rp = 0;
+  std::vector<Acc> xt;   // [kRows, rp] row-major
+  std::vector<Acc> out;  // [rp, rp]
+
+  void fit(int64_t cols) {
+    if (cols == r) return;
+    r = cols;
+    rp = (r + kTileCols - 1) / kTileCols * kTileCols;
+    xt.assign(kRows * rp, Acc(0));
+    out.resize(rp * rp);
+  }
+};
+
+struct ThreadBuffers {
+  BlockBuffers<float> f32;
+  BlockBuffers<double> f64;
+};
 
 template <typename Acc, typename Src>
-void block_gram(const GramJob& job, int64_t row_begin, int64_t row_end, double* partial) {
+void block_gram(const GramJob& job, int64_t row_begin, int64_t row_end, double* partial, BlockBuffers<Acc>& buf) {
   const int64_t r = job.cols;
-  const int64_t rp = (r + kTileCols - 1) / kTileCols * kTileCols;
-  std::vector<Acc> xt(kRows * rp, Acc(0));
-  std::vector<Acc> out(rp * rp);
-  gather<Acc, Src>(job, row_begin, row_end - row_begin, rp, xt.data());
-  block_products(xt.data(), r, rp, out.data());
+  buf.fit(r);
+  const int64_t rows = row_end - row_begin;
+  gather<Acc, Src>(job, row_begin, rows, buf.rp, buf.xt.data());
+  block_products(buf.xt.data(), rows, r, buf.rp, buf.out.data());
   for (int64_t i = 0; i < r; ++i)
-    for (int64_t j = i; j < r; ++j) partial[i * r + j] = static_cast<double>(out[i * rp + j]);
+    for (int64_t j = i; j < r; ++j) partial[i * r + j] = static_cast<double>(buf.out[i * buf.rp + j]);
 }
 
-void run_block(const GramJob& job, int64_t row_begin, int64_t row_end, double* partial) {
+void run_block(const GramJob& job, int64_t row_begin, int64_t row_end, double* partial, ThreadBuffers& bufs) {
   switch (job.type) {
-    case ElemType::kFloat32: block_gram<float, float>(job, row_begin, row_end, partial); break;
-    case ElemType::kFloat64: block_gram<double, double>(job, row_begin, row_end, partial); break;
-    case ElemType::kFloat16: block_gram<float, c10::Half>(job, row_begin, row_end, partial); break;
-    case ElemType::kBFloat16: block_gram<float, c10::BFloat16>(job, row_begin, row_end, partial); break;
+    case ElemType::kFloat32: block_gram<float, float>(job, row_begin, row_end, partial, bufs.f32); break;
+    case ElemType::kFloat64: block_gram<double, double>(job, row_begin, row_end, partial, bufs.f64); break;
+    case ElemType::kFloat16: block_gram<float, c10::Half>(job, row_begin, row_end, partial, bufs.f32); break;
+    case ElemType::kBFloat16: block_gram<float, c10::BFloat16>(job, row_begin, row_end, partial, bufs.f32); break;
   }
 }
 
@@ -135,12 +206,13 @@ std::tuple<at::Tensor, at::Tensor> lora_gram_cpu(at::TensorList Bs, at::TensorLi
   if (num_jobs >= 2 * at::get_num_threads()) {
     // Enough jobs to share out: each thread runs whole jobs, adding their blocks in order.
     at::parallel_for(0, num_jobs, 1, [&](int64_t first, int64_t last) {
+      ThreadBuffers bufs;
       std::vector<double> partial;
       for (int64_t j = first; j < last; ++j) {
         const GramJob& job = plan.jobs[j];
         partial.resize(job.cols * job.cols);
         for (int64_t b = 0; b < job.rows; b += kRows) {
-          run_block(job, b, std::min(job.rows, b + kRows), partial.data());
+          run_block(job, b, std::min(job.rows, b + kRows), partial.data(), bufs);
           add_partial(j, partial.data());
         }
       }
@@ -161,9 +233,10 @@ std::tuple<at::Tensor, at::Tensor> lora_gram_cpu(at::TensorList Bs, at::TensorLi
     }
     std::vector<double> partials(total);
     at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t first, int64_t last) {
+      ThreadBuffers bufs;
       for (int64_t i = first; i < last; ++i) {
         const Block& b = blocks[i];
-        run_block(plan.jobs[b.job], b.row_begin, b.row_end, partials.data() + b.offset);
+        run_block(plan.jobs[b.job], b.row_begin, b.row_end, partials.data() + b.offset, bufs);
       }
     });
     for (const Block& b : blocks) add_partial(b.job, partials.data() + b.offset);
