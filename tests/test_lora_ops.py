@@ -168,8 +168,9 @@ def test_lora_gram_deterministic(device):
 def test_lora_gram_zero_rank_among_others(device):
     """An r = 0 adapter in a list whose other adapters have r > 0: its Gram is all zeros (a 0 x 0
     block of the padded output) and it leaves the others alone."""
-    Bs = [rand((5, 0), torch.float32, device), rand((300, 3), torch.bfloat16, device), rand((0, 0), torch.float32, device)]
-    As = [rand((0, 7), torch.float32, device), rand((3, 290), torch.bfloat16, device), rand((0, 4), torch.float32, device)]
+    f32, bf16 = torch.float32, torch.bfloat16
+    Bs = [rand((5, 0), f32, device), rand((300, 3), bf16, device), rand((0, 0), f32, device)]
+    As = [rand((0, 7), f32, device), rand((3, 290), bf16, device), rand((0, 4), f32, device)]
     gb, ga = lora_ops.lora_gram(Bs, As)
     rb, ra = reference.lora_gram(Bs, As)
     assert gb.shape == (3, 3, 3) and torch.all(gb[0] == 0) and torch.all(ga[2] == 0)

@@ -1,8 +1,8 @@
 // lora_gram on CUDA. Every Gram job XᵀX (lora_gram_plan.h) is split along X's rows; each split
 // is one work unit, and units take one of two paths:
-//  * tensor cores (mma_gram.cuh): fp16/bf16 factors with r <= 128 laid out densely (B [d, r] or
-//    A [r, k] row-major, rows 4-byte aligned), on sm_80+: the whole r x r Gram of the split per
-//    block;
+//  * tensor cores (mma_gram.cuh, mma_gram_wide.cuh for r > 64): fp16/bf16 factors with r <= 128
+//    laid out densely (B [d, r] or A [r, k] row-major, rows 4-byte aligned), on sm_80+: the whole
+//    r x r Gram of the split per block;
 //  * CUDA cores (everything else): one 64 x 64 tile on or above the diagonal per block; the block
 //    stages a chunk of rows of the two column panels in shared memory (widened to fp32, or fp64
 //    for fp64 input) and each thread accumulates a register tile (4 x 4; 1 x 1 or 2 x 2 for a
@@ -30,6 +30,7 @@
 #include "gradgeom/cached_upload.cuh"
 #include "gradgeom/lora_gram_plan.h"
 #include "gradgeom/mma_gram.cuh"
+#include "gradgeom/mma_gram_wide.cuh"
 
 namespace gradgeom {
 namespace {
@@ -198,10 +199,18 @@ __global__ void __launch_bounds__(mma_gram::Ring<kWide>::kThreads, kWide ? 1 : 2
   }
   const int width = job.mma & 0xff;
   const int layout = (job.mma >> 8) & 0xff;
-  if (static_cast<ElemType>(job.type) == ElemType::kBFloat16)
-    mma_gram::gram_any<kWide, true>(layout, width, mj, mma_smem);
-  else
-    mma_gram::gram_any<kWide, false>(layout, width, mj, mma_smem);
+  const bool bf16 = static_cast<ElemType>(job.type) == ElemType::kBFloat16;
+  if (kWide) {
+    if (bf16)
+      mma_gram::gram_wide_any<true>(layout, mj, mma_smem);
+    else
+      mma_gram::gram_wide_any<false>(layout, mj, mma_smem);
+  } else {
+    if (bf16)
+      mma_gram::gram_narrow<true>(layout, width, mj, mma_smem);
+    else
+      mma_gram::gram_narrow<false>(layout, width, mj, mma_smem);
+  }
 }
 
 // Block b merges job merge_jobs[b]: out[adapter][i][j] = sum over its splits, for i, j < r
