@@ -112,10 +112,10 @@ def lora_gram(
         ``(G_B, G_A)``, float64, each ``[n, R, R]`` with ``R = max r_i``; entries beyond ``r_i`` are
         zero. Products are accumulated in fp32 per block of rows (fp64 for fp64 input) and the
         blocks summed in fp64 in a fixed order: identical input gives identical bits. On sm_80+
-        GPUs, fp16/bf16 factors with r <= 128 stored densely (row-major B and A, as PEFT keeps
-        them, rows 4-byte aligned: fastest with r and k multiples of 8) go through the tensor
-        cores: exact products, summed in fp32 per chunk of rows and the chunks added with IEEE
-        rounding. Never synchronises with the GPU.
+        GPUs, fp16/bf16 factors with r <= 128 and one unit stride (row-major B and A, as PEFT
+        keeps them, or either transposed; fastest with r and k multiples of 8) go through the
+        tensor cores: exact products, summed in fp32 per chunk of rows and the chunks added with
+        IEEE rounding. Never synchronises with the GPU.
     """
     Bs, As = _check_factor_lists("lora_gram", Bs, As)
     if not Bs:

@@ -117,25 +117,25 @@ def test_lora_gram_tensor_core_layouts(dtype, r):
 
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("r", [2, 6, 18, 34, 66, 100, 126])
-def test_lora_gram_tensor_core_4_byte_lines(dtype, r):
-    """Dense 16-bit factors whose lines are 4-byte but not 16-byte aligned (even r or k not a
-    multiple of 8, or a view starting 2 elements in) take the tensor cores with 4-byte copies;
-    odd line strides (d = 4133 for a transposed B, k = 33) take the CUDA cores. All match the
-    reference, and repeat to the bit."""
+@pytest.mark.parametrize("r", [1, 2, 6, 18, 33, 66, 99, 100, 127])
+def test_lora_gram_tensor_core_unaligned_lines(dtype, r):
+    """Dense 16-bit factors whose lines are not 16-byte aligned still take the tensor cores: with
+    4-byte copies where they are 4-byte aligned (even r or k not a multiple of 8, a view starting
+    2 elements in), with 2-byte loads where the line stride is odd (odd r, d = 4133 for a
+    transposed B, k = 33). All match the reference, and repeat to the bit."""
     dev = torch.device("cuda")
     d, k = 4133, 4130
     Bs = [
         rand((d, r), dtype, dev),                      # rows of X: 2r bytes apart
         rand((d, r + 2), dtype, dev)[:, 2:],           # starts 4 bytes into each row
-        rand((r, d), dtype, dev).t(),                  # columns of X contiguous, d odd: CUDA cores
+        rand((r, d), dtype, dev).t(),                  # columns of X contiguous, d odd: 2-byte loads
         rand((65537, r), dtype, dev, 1e-2),            # many splits
     ]
     As = [
         rand((r, k), dtype, dev, 0.1),                 # columns of X = Aᵀ: k = 4130 elements apart
         rand((r, k + 2), dtype, dev)[:, 2:],           # view starting 4 bytes in
         rand((k, r), dtype, dev).t(),                  # A stored transposed: rows of X contiguous
-        rand((r, 33), dtype, dev),                     # odd line: CUDA cores
+        rand((r, 33), dtype, dev),                     # odd line: 2-byte loads
     ]
     assert_grams_match_and_repeat(Bs, As, dtype)
 
@@ -565,8 +565,9 @@ def test_cuda_metadata_cache_follows_data_and_streams():
 @pytest.mark.parametrize("ranks", [(128, 100, 65), (64, 48, 33, 16, 8, 1)])
 def test_cuda_many_ragged_adapters(ranks):
     """90 adapters of a few thousand rows, ragged r, fp16 and bf16 (tensor cores, split rows and
-    merged partials) with an fp32 and a strided factor (CUDA cores) among them: every Gram matches
-    the float64 reference and identical input gives identical bits."""
+    merged partials) with an fp32 and a strided factor (CUDA cores) and a transposed view with an
+    odd offset among them: every Gram matches the float64 reference and identical input gives
+    identical bits."""
     g = torch.Generator().manual_seed(5)
     dev = torch.device("cuda")
     Bs, As = [], []
@@ -577,7 +578,9 @@ def test_cuda_many_ragged_adapters(ranks):
         Bs.append(torch.randn(d, r, generator=g).to(dev, dtype))
         As.append(torch.randn(r, k, generator=g).to(dev, dtype) * 0.1)
     Bs[7] = Bs[7].float()  # a CUDA-core job among the tensor-core ones
-    As[11] = torch.randn(As[11].shape[1] + 1, As[11].shape[0], generator=g).to(dev, torch.bfloat16)[1:].mT  # strided
+    r11, k11 = As[11].shape
+    As[11] = torch.randn(r11, 2 * k11, generator=g).to(dev, torch.bfloat16)[:, ::2]  # no unit stride: CUDA cores
+    As[12] = torch.randn(As[12].shape[1] + 1, As[12].shape[0], generator=g).to(dev, torch.float16)[1:].mT  # odd offset
     gb, ga = lora_ops.lora_gram(Bs, As)
     gb2, ga2 = lora_ops.lora_gram(Bs, As)
     assert torch.equal(gb, gb2) and torch.equal(ga, ga2)

@@ -1,8 +1,8 @@
 // lora_gram on CUDA. Every Gram job XᵀX (lora_gram_plan.h) is split along X's rows; each split
 // is one work unit, and units take one of two paths:
 //  * tensor cores (mma_gram.cuh, mma_gram_wide.cuh for r > 64): fp16/bf16 factors with r <= 128
-//    laid out densely (B [d, r] or A [r, k] row-major, rows 4-byte aligned), on sm_80+: the whole
-//    r x r Gram of the split per block;
+//    and one unit stride (B [d, r] or A [r, k] row-major, or either stored transposed), on sm_80+:
+//    the whole r x r Gram of the split per block;
 //  * CUDA cores (everything else): one 64 x 64 tile on or above the diagonal per block; the block
 //    stages a chunk of rows of the two column panels in shared memory (widened to fp32, or fp64
 //    for fp64 input) and each thread accumulates a register tile (4 x 4; 1 x 1 or 2 x 2 for a
@@ -177,9 +177,10 @@ __global__ void __launch_bounds__(kThreads) gram_units_kernel(const DeviceGramJo
 
 // Job DeviceGramJob::mma code: bits 0-7 W, bits 8-15 layout, bit 16 "direct": the job has one
 // split, whose Gram goes straight into the [n, R, R] output instead of the partials; bit 17:
-// 4-byte copies (mma_gram::Job::copy4).
+// 4-byte copies, bit 18: 2-byte loads (mma_gram::Job::copy_bytes).
 constexpr int32_t kDirect = 1 << 16;
 constexpr int32_t kCopy4 = 1 << 17;
+constexpr int32_t kCopy2 = 1 << 18;
 
 template <bool kWide>
 __global__ void __launch_bounds__(mma_gram::Ring<kWide>::kThreads, kWide ? 1 : 2)
@@ -190,7 +191,8 @@ __global__ void __launch_bounds__(mma_gram::Ring<kWide>::kThreads, kWide ? 1 : 2
   const DeviceGramJob job = jobs[u.job];
   const int64_t begin = int64_t(u.split) * job.rows_per_split;
   mma_gram::Job mj{static_cast<const uint16_t*>(job.data), begin, min(job.rows, begin + job.rows_per_split),
-                   job.row_stride, job.col_stride, job.cols, nullptr, job.cols, (job.mma & kCopy4) != 0};
+                   job.row_stride, job.col_stride, job.cols, nullptr, job.cols,
+                   (job.mma & kCopy2) ? 2 : ((job.mma & kCopy4) ? 4 : 16)};
   if (job.mma & kDirect) {
     mj.out = ((u.job & 1) ? out_a : out_b) + int64_t(u.job / 2) * R * R;
     mj.ld = R;
@@ -280,7 +282,7 @@ int32_t mma_path(const GramJob& g) {
   else if (address % 4 == 0 && line % 2 == 0)
     copies = kCopy4;
   else
-    return 0;
+    copies = kCopy2;
   const int32_t width = g.cols <= 16 ? 16 : (g.cols <= 32 ? 32 : (g.cols <= 64 ? 64 : 128));
   return width | layout << 8 | copies;
 }

@@ -2,10 +2,10 @@
 // X [m, r] with r <= 128, read in place through one of its two dense layouts:
 //   kColumns: each column of X is contiguous (X = Aᵀ for a row-major A [r, k]);
 //   kRows:    each row of X is contiguous (X = B, a row-major B [d, r]).
-// A block streams chunks of X into shared memory with cp.async (16-byte copies, or 4-byte ones
-// where X's lines are only 4-byte aligned, as for B [d, r] with even r not a multiple of 8;
-// zero-filled past the end of the split and past column r) through a ring of stages, and
-// multiplies them with mma.sync m16n8k16 (bf16/fp16 in, fp32 accumulate: the products are exact; each chunk's sum is
+// A block streams chunks of X into shared memory through a ring of stages (cp.async 16-byte
+// copies; 4-byte ones where X's lines are only 4-byte aligned, as for B [d, r] with even r not a
+// multiple of 8; 2-byte loads and stores for odd line strides; zero-filled past the end of the
+// split and past column r) and multiplies them with mma.sync m16n8k16 (bf16/fp16 in, fp32 accumulate: the products are exact; each chunk's sum is
 // added to the running one with IEEE rounding). The r columns are padded to W in {16, 32, 64,
 // 128}.
 //  * Narrow (W <= 64): 8 warps, 4 stages, two blocks per SM. The warps form a grid over the
@@ -50,7 +50,7 @@ struct Job {
   int cols;            // r
   double* out;         // the r x r result goes to out[i * ld + j]
   int64_t ld;
-  bool copy4 = false;  // 4-byte copies: X's contiguous lines are 4-byte aligned, not 16-byte
+  int copy_bytes = 16;  // 16: cp.async 16-byte copies; 4: 4-byte copies (lines 4-byte aligned); 2: loads
 };
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
@@ -132,14 +132,48 @@ struct Stage {
     return 2u * static_cast<uint32_t>(kLayout == kColumns ? col * kPitch + row : row * kPitch + col);
   }
 
-  // The 16-byte vectors v = tid, tid + kThreads, ... of the chunk at row0 (one loop per copy
-  // size, so that the 16-byte one stays as lean as it was alone).
+  // This thread's part (tid of kThreads) of the chunk at row0: the 16-byte vectors v = tid,
+  // tid + kThreads, ... (cp.async; one loop per copy size, so that the 16-byte one stays as lean
+  // as it was alone), or with 2-byte loads and stores for lines that are not 4-byte aligned (then
+  // the stage is written when this returns: no cp.async to wait for).
   template <int kThreads>
   static __device__ __forceinline__ void load(const Job& job, int64_t row0, uint32_t stage, int tid) {
-    if (job.copy4)
+    if (job.copy_bytes == 16)
+      load_vectors<kThreads, false>(job, row0, stage, tid);
+    else if (job.copy_bytes == 4)
       load_vectors<kThreads, true>(job, row0, stage, tid);
     else
-      load_vectors<kThreads, false>(job, row0, stage, tid);
+      load_elements<kThreads>(job, row0, stage, tid);
+  }
+
+  // Elements e = tid, tid + kThreads, ... of the chunk, 16 loads in flight before their stores.
+  template <int kThreads>
+  static __device__ __forceinline__ void load_elements(const Job& job, int64_t row0, uint32_t stage, int tid) {
+    constexpr int kBatch = 16;
+    static_assert(kChunkElems % (kBatch * kThreads) == 0, "whole batches");
+    for (int first = tid; first < kChunkElems; first += kBatch * kThreads) {
+      uint16_t v[kBatch];
+      uint32_t at[kBatch];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        const int e = first + u * kThreads;
+        int row, col;
+        if (kLayout == kColumns) {  // consecutive threads walk down a column of X
+          col = e / kRowsPerChunk;
+          row = e - col * kRowsPerChunk;
+        } else {  // consecutive threads walk along a row of X
+          row = e / W;
+          col = e - row * W;
+        }
+        at[u] = stage + offset(row, col);
+        v[u] = 0;
+        if (row0 + row < job.row_end && col < job.cols)
+          v[u] = __ldg(reinterpret_cast<const unsigned short*>(job.data) + (row0 + row) * job.row_stride +
+                       int64_t(col) * job.col_stride);
+      }
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) asm volatile("st.shared.u16 [%0], %1;\n" ::"r"(at[u]), "h"(v[u]) : "memory");
+    }
   }
 
   template <int kThreads, bool kCopy4>

@@ -147,7 +147,12 @@ __device__ void gram_wide(const Job& job, unsigned char* smem) {
       const int s = static_cast<int>(c % kStages);
       if (c >= kStages) mbar_wait(empty + 8 * s, static_cast<uint32_t>(c / kStages - 1) & 1);
       S::template load<32 * kWideProducers>(job, job.row_begin + c * S::kRowsPerChunk, ring + s * kStageBytes, tid);
-      cp_async_arrive(full + 8 * s);
+      if (job.copy_bytes == 2) {  // stored by this thread: order the stores before the arrival
+        __threadfence_block();
+        mbar_arrive(full + 8 * s);
+      } else {
+        cp_async_arrive(full + 8 * s);
+      }
     }
     cp_async_wait<0>();
     return;
