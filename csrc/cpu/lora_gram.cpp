@@ -76,12 +76,6 @@ void gather(const GramJob& job, int64_t row0, int64_t rows, int64_t rp, Acc* xt)
 typedef float FloatLanes __attribute__((vector_size(kTileCols * sizeof(float))));
 typedef double DoubleLanes __attribute__((vector_size(kTileCols * sizeof(double))));
 
-// out[i * rp + j] = Σ_t xt[t][i]·xt[t][j] over the block's rows t < rows, in row order, for i < r
-// (rounded up to kTileRows) in the kTileRows x kTileCols tiles that reach the diagonal or lie
-// above it: outer products of each row with itself, so one loaded vector of kTileCols columns
-// feeds kTileRows products. The rows go in slices of about kSliceBytes, each slice through every
-// tile while it sits in L1 (a tile's sums wait in out between slices: the same operations in the
-// same order as one pass). One call per block, so the SIMD dispatch costs nothing per entry.
 // kTileRows x (kPanels * kTileCols) entries of out from rows [t0, t1) of xt, starting from zero
 // (t0 == 0) or from what out holds.
 template <int kPanels, typename Acc, typename Lanes>

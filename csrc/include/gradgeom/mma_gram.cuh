@@ -225,6 +225,24 @@ struct Stage {
   }
 };
 
+// The number of chunks of rows per split of job, for chunks of `rows_per_chunk` rows.
+__device__ __forceinline__ int64_t chunk_count(const Job& job, int rows_per_chunk) {
+  return (job.row_end - job.row_begin + rows_per_chunk - 1) / rows_per_chunk;
+}
+
+// acc += part entry by entry. The tensor cores' fp32 accumulation truncates when aligning addends
+// (a bias that grows with the number of steps summed into one accumulator: 1.1e-5 relative over
+// 2304 rows), so each chunk's steps are summed there into part and added here with IEEE rounding.
+template <int MT, int NT>
+__device__ __forceinline__ void add_chunk(float (&acc)[MT][NT][4], const float (&part)[MT][NT][4]) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[mt][nt][e] += part[mt][nt][e];
+}
+
 // The Gram of one split of X (W <= 64), summed over the block's warps, written as fp64 to
 // job.out. A warp tile is MT m16 tiles by NT n8 tiles. smem holds Ring<false>::kSmemBytes.
 template <int kLayout, int W, int MT, int NT, bool kBf16>
@@ -258,7 +276,7 @@ __device__ void gram_tile(const Job& job, unsigned char* smem) {
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) acc[mt][nt][0] = acc[mt][nt][1] = acc[mt][nt][2] = acc[mt][nt][3] = 0.f;
 
-  const int64_t chunks = (job.row_end - job.row_begin + S::kRowsPerChunk - 1) / S::kRowsPerChunk;
+  const int64_t chunks = chunk_count(job, S::kRowsPerChunk);
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
     if (s < chunks)
@@ -297,15 +315,7 @@ __device__ void gram_tile(const Job& job, unsigned char* smem) {
         }
       }
     }
-    // The tensor cores' fp32 accumulation truncates when aligning addends (a bias that grows
-    // with the number of steps summed into one accumulator: 1.1e-5 relative over 2304 rows);
-    // each chunk's 4 steps are summed there and added here with IEEE rounding.
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc[mt][nt][e] += part[mt][nt][e];
+    add_chunk(acc, part);
   }
   cp_async_wait<0>();
   __syncthreads();

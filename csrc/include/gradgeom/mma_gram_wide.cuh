@@ -88,14 +88,7 @@ __device__ void wide_consumer(const Job& job, uint32_t ring, uint32_t full, uint
     wide_chunk<kLayout, kBf16, kDiag>(ring + s * kStageBytes, mi, ni, part);
     __syncwarp();
     if ((threadIdx.x & 31) == 0) mbar_arrive(empty + 8 * s);
-    // Each chunk's 4 steps are summed by the tensor cores and added here with IEEE rounding, as
-    // in gram_tile.
-#pragma unroll
-    for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-      for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc[mt][nt][e] += part[mt][nt][e];
+    add_chunk(acc, part);
   }
   const int lane = threadIdx.x & 31;
   const int r = job.cols;
@@ -139,7 +132,7 @@ __device__ void gram_wide(const Job& job, unsigned char* smem) {
   const uint32_t ring = smem_addr(smem);
   const int warp = threadIdx.x >> 5;
   const int role = wide_role(warp);
-  const int64_t chunks = (job.row_end - job.row_begin + S::kRowsPerChunk - 1) / S::kRowsPerChunk;
+  const int64_t chunks = chunk_count(job, S::kRowsPerChunk);
   if (role == 0) {
     // Producer p of 4 (warps 8, 9, 12, 13): copies v = 32p + lane + 128i of every chunk.
     const int tid = 32 * ((warp & 1) + 2 * ((warp >> 2) & 1)) + (threadIdx.x & 31);
