@@ -64,9 +64,10 @@ std::tuple<at::Tensor, at::Tensor> sym_eigh(const at::Tensor& A, bool vectors) {
 
 at::Tensor sym_eigvalsh(const at::Tensor& A) { return std::get<0>(sym_eigh(A, /*vectors=*/false)); }
 
-// ‖B·A‖_F per adapter, float64 [n]: _lora_core.fro_sq, then sqrt.
+// ‖B·A‖_F per adapter, float64 [n] (_lora_core.fro).
 at::Tensor fro_norm(const at::Tensor& gb, const at::Tensor& ga) {
-  return (gb * ga).sum(at::IntArrayRef{-2, -1}).clamp_min(0).sqrt();
+  static const auto op = typed_op<at::Tensor(const at::Tensor&, const at::Tensor&)>("gradgeom::gram_fro");
+  return op.call(gb, ga);
 }
 
 // One value per adapter, known on the host: `value` when every adapter shares it (then `device`

@@ -28,6 +28,10 @@ TORCH_LIBRARY(gradgeom, m) {
   // Bs[i]: [d_i, r_i], As[i]: [r_i, k_i]; float32/float64/float16/bfloat16, any strides, one device.
   // Returns float64 (B_iᵀB_i, A_i·A_iᵀ), each [n, R, R] with R = max r_i, zero-padded beyond r_i.
   m.def("lora_gram(Tensor[] Bs, Tensor[] As) -> (Tensor, Tensor)");
+  // gb, ga: float64 [n, R, R] symmetric (lower triangles read), one shape, one device (lora_gram's
+  // outputs). Returns float64 [n]: sqrt(max(sum(gb[i] * ga[i]), 0)) = ‖B_i·A_i‖_F from the Gram
+  // matrices (NaN propagates).
+  m.def("gram_fro(Tensor gb, Tensor ga) -> Tensor");
   // A: float32/float64 [batch, n, n] symmetric (lower triangle read), n <= 1024. Eigenvalues only:
   // Householder tridiagonalisation + bisection; with vectors: Jacobi eigen-solver.
   // Returns float64 eigenvalues [batch, n] ascending, eigenvectors [batch, n, n] (columns) or [0].

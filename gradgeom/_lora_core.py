@@ -89,9 +89,9 @@ def error_bound(gb: torch.Tensor, ga: torch.Tensor) -> torch.Tensor:
     return torch.linalg.matrix_norm(gb) * torch.linalg.matrix_norm(ga)
 
 
-def fro_sq(gb: torch.Tensor, ga: torch.Tensor) -> torch.Tensor:
-    """‖B·A‖_F² = Σ G_B∘G_A per adapter, float64 ``[n]``."""
-    return (gb * ga).sum((-2, -1)).clamp_min(0)
+def fro(gb: torch.Tensor, ga: torch.Tensor) -> torch.Tensor:
+    """‖B·A‖_F = √max(Σ G_B∘G_A, 0) per adapter, float64 ``[n]``, in one native launch."""
+    return torch.ops.gradgeom.gram_fro(gb, ga)
 
 
 def _sym(x: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ __all__ = [
     "GRAM",
     "PRINCIPAL_ANGLES",
     "SVDVALS",
+    "gram_fro",
     "lora_fro",
     "lora_gram",
     "lora_principal_angles",
@@ -122,6 +123,24 @@ def lora_gram(
         empty = torch.zeros((0, 0, 0), dtype=torch.float64, device=device)
         return empty, empty.clone()
     return torch.ops.gradgeom.lora_gram(Bs, As)
+
+
+def gram_fro(gb: torch.Tensor, ga: torch.Tensor) -> torch.Tensor:
+    """‖Bᵢ·Aᵢ‖_F from the Gram matrices of :func:`lora_gram`: √max(Σ G_B∘G_A, 0) per adapter.
+
+    Args:
+        gb, ga: float64 ``[n, R, R]`` symmetric matrices of one shape, on one device (any
+            strides); only their lower triangles are read.
+
+    Returns:
+        float64 ``[n]`` on their device; NaN where the sum is NaN (an Inf or NaN entry). One
+        pass over both lower triangles (one block per adapter on CUDA), the products summed in
+        a fixed order: identical input gives identical bits. Never synchronises with the GPU.
+    """
+    for name, t in (("gb", gb), ("ga", ga)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"gram_fro: {name} must be a torch.Tensor, got {type(t).__name__}")
+    return torch.ops.gradgeom.gram_fro(gb, ga)
 
 
 def lora_fro(
@@ -300,6 +319,16 @@ def _lora_gram_fake(Bs, As):
         torch.empty((n, R, R), dtype=torch.float64, device=device),
         torch.empty((n, R, R), dtype=torch.float64, device=device),
     )
+
+
+@torch.library.register_fake("gradgeom::gram_fro")
+def _gram_fro_fake(gb, ga):
+    torch._check(gb.dim() == 3 and gb.shape[1] == gb.shape[2], lambda: "gram_fro: gb must be [n, R, R]")
+    torch._check(ga.shape == gb.shape, lambda: "gram_fro: ga must have gb's shape")
+    torch._check(gb.dtype == torch.float64 and ga.dtype == torch.float64, lambda: "gram_fro: gb and ga must be float64")
+    if ga.device != gb.device:
+        raise ValueError(f"gram_fro: gb and ga must be on one device, got {gb.device} and {ga.device}")
+    return gb.new_empty((gb.shape[0],))
 
 
 @torch.library.register_fake("gradgeom::lora_fro")

@@ -141,7 +141,7 @@ def sketch_moments(
     return moments.to(out_device), sketch.to(out_device)
 # --- LoRA geometry (issue 4) -------------------------------------------------------------------
 
-__all__ += ["lora_gram", "psd_cholesky", "sym_eigh"]
+__all__ += ["gram_fro", "lora_gram", "psd_cholesky", "sym_eigh"]
 
 
 def lora_gram(
@@ -161,6 +161,19 @@ def lora_gram(
         gb[i, :r, :r] = b.T @ b
         ga[i, :r, :r] = a @ a.T
     return gb.to(out_device), ga.to(out_device)
+
+
+def gram_fro(gb: torch.Tensor, ga: torch.Tensor) -> torch.Tensor:
+    """Reference for :func:`gradgeom.lora_ops.gram_fro`: float64 ``[n]``,
+    √max(Σ gb[i]∘ga[i], 0) (NaN where the sum is NaN) of the symmetric matrices whose lower
+    triangles ``gb``, ``ga`` hold."""
+
+    def sym(t: torch.Tensor) -> torch.Tensor:
+        t = t.detach().to("cpu", torch.float64)
+        return torch.tril(t) + torch.tril(t, -1).mT
+
+    x, y = sym(gb), sym(ga)
+    return (x * y).sum((-2, -1)).clamp_min(0).sqrt().to(gb.device)
 
 
 def sym_eigh(A: torch.Tensor, *, vectors: bool = True) -> tuple[torch.Tensor, torch.Tensor]:

@@ -319,23 +319,34 @@ std::tuple<at::Tensor, at::Tensor> lora_gram_cuda(at::TensorList Bs, at::TensorL
 
   std::vector<DeviceGramJob> jobs(num_jobs);
   std::vector<DeviceGramUnit> units, mma_units, wide_units;
+  mma_units.reserve(num_jobs);
+  wide_units.reserve(num_jobs);
   std::vector<int32_t> merge_jobs;
   int64_t partial_total = 0;
+  // The split of the previous job, reused for a job of the same rows, cols and path (the usual
+  // case: adapters of one model share shapes), which saves five 64-bit divisions a job.
+  int64_t memo_rows = -1, memo_cols = -1, per_split = 0, splits = 0;
+  int32_t memo_path = -1;
   for (int64_t j = 0; j < num_jobs; ++j) {
     const GramJob& g = plan.jobs[j];
-    // A split is a whole number of staged chunks: kMinSplitRows rows (CUDA cores), or one chunk
-    // of 8192 / W rows (tensor cores) and at least 32·r rows, so that a split's fp64 partial
-    // (8·r² bytes, written and read back) stays small next to its 2·r·rows bytes of input.
-    int64_t grain = kMinSplitRows;
-    if (path[j]) {
-      const int64_t chunk = mma_gram::kChunkElems / (path[j] & 0xff);
-      grain = (32 * g.cols + chunk - 1) / chunk * chunk;
+    if (g.rows != memo_rows || g.cols != memo_cols || path[j] != memo_path) {
+      // A split is a whole number of staged chunks: kMinSplitRows rows (CUDA cores), or one
+      // chunk of 8192 / W rows (tensor cores) and at least 32·r rows, so that a split's fp64
+      // partial (8·r² bytes, written and read back) stays small next to its 2·r·rows bytes of input.
+      int64_t grain = kMinSplitRows;
+      if (path[j]) {
+        const int64_t chunk = mma_gram::kChunkElems / (path[j] & 0xff);
+        grain = (32 * g.cols + chunk - 1) / chunk * chunk;
+      }
+      const int64_t grains = (g.rows + grain - 1) / grain;
+      const int64_t want = std::min<int64_t>(want_splits, grains);
+      per_split = want == 0 ? 0 : (grains + want - 1) / want * grain;
+      splits = per_split == 0 ? 0 : (g.rows + per_split - 1) / per_split;
+      GG_CHECK(splits < (int64_t(1) << 31), "lora_gram: too many row splits");
+      memo_rows = g.rows;
+      memo_cols = g.cols;
+      memo_path = path[j];
     }
-    const int64_t grains = (g.rows + grain - 1) / grain;
-    const int64_t want = std::min<int64_t>(want_splits, grains);
-    const int64_t per_split = want == 0 ? 0 : (grains + want - 1) / want * grain;
-    const int64_t splits = per_split == 0 ? 0 : (g.rows + per_split - 1) / per_split;
-    GG_CHECK(splits < (int64_t(1) << 31), "lora_gram: too many row splits");
     const bool direct = path[j] && splits == 1;
     jobs[j] = DeviceGramJob{g.data, g.rows, g.row_stride, g.col_stride, partial_total, static_cast<int32_t>(g.cols),
                             static_cast<int32_t>(g.type), static_cast<int32_t>(splits),
@@ -375,8 +386,9 @@ std::tuple<at::Tensor, at::Tensor> lora_gram_cuda(at::TensorList Bs, at::TensorL
   const auto* dev_mma_units = reinterpret_cast<const DeviceGramUnit*>(words_dev + job_words + unit_words);
   const auto* dev_merge = reinterpret_cast<const int32_t*>(words_dev + job_words + unit_words + mma_words);
 
-  at::Tensor partials = at::empty({std::max<int64_t>(partial_total, 1)}, dev);
-  double* const part = partials.data_ptr<double>();
+  at::Tensor partials;  // only split jobs write partials
+  if (partial_total > 0) partials = at::empty({partial_total}, dev);
+  double* const part = partial_total > 0 ? partials.data_ptr<double>() : nullptr;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   double* const out_b = gb.data_ptr<double>();
   double* const out_a = ga.data_ptr<double>();
@@ -404,10 +416,60 @@ std::tuple<at::Tensor, at::Tensor> lora_gram_cuda(at::TensorList Bs, at::TensorL
   return {gb, ga};
 }
 
+// gram_fro: one block per pair of symmetric matrices, their lower triangles read. Warp w takes
+// rows w, w + kFroWarps, ...; lane l adds x_ij·y_ij (doubled off the diagonal, exactly) for
+// j = l, l + 32, ... <= i, in order; the block adds the lanes' sums by fixed shuffle trees.
+constexpr int kFroThreads = 1024;
+constexpr int kFroWarps = kFroThreads / 32;
+
+__global__ void __launch_bounds__(kFroThreads, 2)
+    gram_fro_kernel(const double* __restrict__ gb, const double* __restrict__ ga, int64_t R, double* out) {
+  __shared__ double warp_sums[kFroWarps];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t base = int64_t(blockIdx.x) * R * R;
+  double acc = 0.0;
+  const int rows = static_cast<int>(R);
+#pragma unroll 1
+  for (int i = warp; i < rows; i += kFroWarps) {
+    const double* x = gb + base + int64_t(i) * R;
+    const double* y = ga + base + int64_t(i) * R;
+#pragma unroll 4
+    for (int j = lane; j <= i; j += 32) {
+      const double xj = __ldg(x + j);
+      acc = fma(j < i ? 2.0 * xj : xj, __ldg(y + j), acc);
+    }
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, off);
+  if (lane == 0) warp_sums[warp] = acc;
+  __syncthreads();
+  if (warp == 0) {
+    acc = warp_sums[lane];
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, off);
+    if (lane == 0) out[blockIdx.x] = sqrt(acc < 0.0 ? 0.0 : acc);  // NaN stays NaN
+  }
+}
+
+at::Tensor gram_fro_cuda(const at::Tensor& gb, const at::Tensor& ga) {
+  check_gram_pair("gram_fro", gb, ga);
+  const c10::cuda::CUDAGuard guard(gb.device());
+  const at::Tensor x = gb.contiguous(), y = ga.contiguous();
+  const int64_t n = x.size(0);
+  at::Tensor out = at::empty({n}, x.options());
+  GG_CHECK(n < (int64_t(1) << 31), "gram_fro: too many matrices (", n, ")");
+  if (n == 0) return out;
+  gram_fro_kernel<<<static_cast<unsigned>(n), kFroThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      x.data_ptr<double>(), y.data_ptr<double>(), x.size(1), out.data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(gradgeom, CUDA, m) {
   m.impl("lora_gram", &lora_gram_cuda);
+  m.impl("gram_fro", &gram_fro_cuda);
 }
 
 }  // namespace gradgeom

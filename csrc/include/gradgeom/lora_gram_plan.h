@@ -39,7 +39,7 @@ struct LoraGramPlan {
 inline GramJob gram_job(const at::Tensor& t, int dim_rows) {
   const int dim_cols = 1 - dim_rows;
   GramJob job;
-  job.data = t.data_ptr();
+  job.data = t.const_data_ptr();
   job.rows = t.size(dim_rows);
   job.cols = t.size(dim_cols);
   job.row_stride = t.stride(dim_rows);
@@ -75,6 +75,17 @@ inline LoraGramPlan make_lora_gram_plan(const at::TensorList& Bs, const at::Tens
     plan.max_rank = std::max<int64_t>(plan.max_rank, B.size(1));
   }
   return plan;
+}
+
+// gram_fro's arguments: two float64 batches of square matrices of one shape [n, R, R], one device.
+inline void check_gram_pair(const char* op, const at::Tensor& gb, const at::Tensor& ga) {
+  GG_CHECK_VALUE(gb.dim() == 3 && gb.size(1) == gb.size(2), op,
+                 ": gb must be a batch of square Gram matrices [n, R, R], got shape ", gb.sizes());
+  GG_CHECK_VALUE(ga.sizes() == gb.sizes(), op, ": ga must have gb's shape ", gb.sizes(), ", got ", ga.sizes());
+  GG_CHECK_TYPE(gb.scalar_type() == at::kDouble && ga.scalar_type() == at::kDouble, op,
+                ": gb and ga must be float64, got ", gb.scalar_type(), " and ", ga.scalar_type());
+  GG_CHECK_VALUE(ga.device() == gb.device(), op, ": gb and ga must be on one device, got ", gb.device(), " and ",
+                 ga.device());
 }
 
 }  // namespace gradgeom
