@@ -28,19 +28,44 @@ namespace {
 
 enum LoraOp : int { kFro = 0, kSvdvals = 1, kPrincipalAngles = 2, kGram = 3 };
 
-// Appends the tensor behind obj; false for anything but a plain torch.Tensor or Parameter.
-bool take_tensor(PyObject* obj, std::vector<at::Tensor>& out, bool& requires_grad) {
-  if (!THPVariable_CheckExact(obj)) return false;
-  const at::Tensor& t = THPVariable_Unpack(obj);
-  requires_grad = requires_grad || t.requires_grad();
-  out.push_back(t);
-  return true;
-}
+// The tensors of plain torch.Tensor / Parameter objects, borrowed: no reference-count traffic on
+// the tensors themselves (on recent torch a tensor's count going 1 -> 2 -> 1 also moves its Python
+// object's count, through a GIL check, for every factor). Each Python object is held by a
+// reference of its own (taken and dropped with the GIL held), so the borrowed tensors stay valid
+// while the op runs without the GIL. Destroy with the GIL held.
+class BorrowedTensors {
+ public:
+  BorrowedTensors() = default;
+  BorrowedTensors(const BorrowedTensors&) = delete;
+  BorrowedTensors& operator=(const BorrowedTensors&) = delete;
+  ~BorrowedTensors() {
+    for (at::Tensor& t : tensors_) c10::MaybeOwnedTraits<at::Tensor>::destroyBorrow(t);
+    for (PyObject* o : owners_) Py_DECREF(o);
+  }
+  void reserve(size_t n) {
+    tensors_.reserve(n);
+    owners_.reserve(n);
+  }
+  // Appends the tensor behind obj; false for anything but a plain torch.Tensor or Parameter.
+  bool take(PyObject* obj, bool& requires_grad) {
+    if (!THPVariable_CheckExact(obj)) return false;
+    const at::Tensor& t = THPVariable_Unpack(obj);
+    requires_grad = requires_grad || t.requires_grad();
+    Py_INCREF(obj);
+    owners_.push_back(obj);
+    tensors_.push_back(c10::MaybeOwnedTraits<at::Tensor>::createBorrow(t));
+    return true;
+  }
+  at::TensorList list() const { return tensors_; }
+
+ private:
+  std::vector<at::Tensor> tensors_;
+  std::vector<PyObject*> owners_;
+};
 
 // Factors of a sequence of (B, A) pairs, or of two parallel sequences; false where the shortcut
 // does not apply.
-bool read_factors(PyObject* first, PyObject* second, std::vector<at::Tensor>& Bs, std::vector<at::Tensor>& As,
-                  bool& requires_grad) {
+bool read_factors(PyObject* first, PyObject* second, BorrowedTensors& Bs, BorrowedTensors& As, bool& requires_grad) {
   auto is_seq = [](PyObject* o) { return PyList_Check(o) || PyTuple_Check(o); };
   if (!is_seq(first) || (second != Py_None && !is_seq(second))) return false;
   const Py_ssize_t n = PySequence_Fast_GET_SIZE(first);
@@ -53,14 +78,14 @@ bool read_factors(PyObject* first, PyObject* second, std::vector<at::Tensor>& Bs
       PyObject* pair = items[i];
       if (!is_seq(pair) || PySequence_Fast_GET_SIZE(pair) != 2) return false;
       PyObject** ba = PySequence_Fast_ITEMS(pair);
-      if (!take_tensor(ba[0], Bs, requires_grad) || !take_tensor(ba[1], As, requires_grad)) return false;
+      if (!Bs.take(ba[0], requires_grad) || !As.take(ba[1], requires_grad)) return false;
     }
     return true;
   }
   if (PySequence_Fast_GET_SIZE(second) != n) return false;
   PyObject** others = PySequence_Fast_ITEMS(second);
   for (Py_ssize_t i = 0; i < n; ++i)
-    if (!take_tensor(items[i], Bs, requires_grad) || !take_tensor(others[i], As, requires_grad)) return false;
+    if (!Bs.take(items[i], requires_grad) || !As.take(others[i], requires_grad)) return false;
   return true;
 }
 
@@ -126,13 +151,13 @@ PyObject* lora_call(PyObject* /*self*/, PyObject* args) {
   PyObject* first = nullptr;
   PyObject* second = nullptr;
   if (!PyArg_ParseTuple(args, "iOOpp", &op, &first, &second, &flag, &no_grad)) return nullptr;
-  std::vector<at::Tensor> Bs, As;
+  BorrowedTensors Bs, As;
   bool requires_grad = false;
   if (at::impl::torch_function_mode_enabled() || !read_factors(first, second, Bs, As, requires_grad) ||
       (requires_grad && !no_grad && c10::GradMode::is_enabled()))
     Py_RETURN_NONE;
   const c10::AutoGradMode grad_mode(!no_grad && c10::GradMode::is_enabled());
-  return call(op, Bs, As, flag != 0);
+  return call(op, Bs.list(), As.list(), flag != 0);
   END_HANDLE_TH_ERRORS
 }
 
