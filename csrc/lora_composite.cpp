@@ -221,7 +221,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_svdvals(at::TensorList Bs, a
   if (s.max_rank == 0) return {gb.new_zeros({n, 0}), none_ill(), fro};
   const at::Tensor L = psd_factor(gb, s);
   const at::Tensor x = at::matmul(at::matmul(L.mT(), ga), L);
-  const at::Tensor mu = beyond_rank(eigvalsh(((x + x.mT()) * 0.5).contiguous()).clamp_min(0).flip(-1), s.srank);
+  const at::Tensor mu = beyond_rank(eigvalsh(x.contiguous()).clamp_min(0).flip(-1), s.srank);  // lower triangle read
   return {mu.sqrt(), flag_ill ? ill_conditioned(mu, gb, ga, s) : none_ill(), fro};
 }
 

@@ -158,7 +158,7 @@ def gram_spectrum(
     if R == 0:
         return gb.new_zeros((n, 0)), (torch.zeros(n, dtype=torch.bool, device=gb.device) if flag_ill else None)
     L = psd_factor(gb, fp64, kinds)
-    mu, _ = eigh(_sym(L.mT @ ga @ L), vectors=False)
+    mu, _ = eigh(L.mT @ ga @ L, vectors=False)  # its lower triangle: eigvalsh reads no other
     mu = _beyond_rank(mu.clamp_min(0).flip(-1), srank, 0.0)
     return mu, (_ill(mu, gb, ga, srank, fp64) if flag_ill else None)
 
