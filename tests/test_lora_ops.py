@@ -562,6 +562,25 @@ def test_cuda_metadata_cache_follows_data_and_streams():
 
 
 @requires_cuda
+def test_cuda_launch_plan_cache_keys_on_every_field_and_evicts():
+    """Launch plans are cached by the factors' pointers, shapes, strides and dtypes: factors at the
+    same address with another shape, stride or dtype get their own plan, and more lists than the
+    cache holds still give the right Grams when they come round again."""
+    dev = torch.device("cuda")
+    base = torch.randn(400, 40, device=dev, dtype=torch.bfloat16)
+    A = torch.randn(40, 50, device=dev, dtype=torch.bfloat16)
+    same_address = [base[:rows, :r] for rows in (400, 399, 128) for r in (40, 33, 16)]
+    same_address += [base.as_strided((400, 16), (16, 1)), base.as_strided((400, 16), (1, 400)),
+                     base.view(torch.float16)[:, :16]]
+    lists = [([B], [A[:B.shape[1]].to(B.dtype)]) for B in same_address]
+    lists += [([torch.randn(64, 8, device=dev, dtype=torch.bfloat16)], [torch.randn(8, 9, device=dev, dtype=torch.bfloat16)])
+              for _ in range(20)]
+    for _ in range(2):
+        for Bs, As in lists:
+            assert_grams_match_and_repeat(Bs, As, Bs[0].dtype)
+
+
+@requires_cuda
 @pytest.mark.parametrize("ranks", [(128, 100, 65), (64, 48, 33, 16, 8, 1)])
 def test_cuda_many_ragged_adapters(ranks):
     """90 adapters of a few thousand rows, ragged r, fp16 and bf16 (tensor cores, split rows and

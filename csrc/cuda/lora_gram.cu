@@ -22,6 +22,7 @@
 #include <array>
 #include <atomic>
 #include <cstring>
+#include <mutex>
 #include <tuple>
 #include <vector>
 
@@ -287,32 +288,29 @@ int32_t mma_path(const GramJob& g) {
   return width | layout << 8 | copies;
 }
 
-std::tuple<at::Tensor, at::Tensor> lora_gram_cuda(at::TensorList Bs, at::TensorList As) {
-  const LoraGramPlan plan = make_lora_gram_plan(Bs, As);
-  const int64_t n = plan.num_adapters;
+// What the launches of one factor list need, derived from its plan alone: the device metadata
+// (jobs, CUDA-core units, tensor-core units, merge list; int32 pairs per word) and the counts.
+struct LaunchPlan {
+  at::Tensor meta;  // int64 words on the device, read-only (may be shared with other calls)
+  int64_t job_words = 0, unit_words = 0, mma_words = 0;
+  int64_t units = 0, narrow = 0, wide = 0, merges = 0;
+  int64_t partial_total = 0;  // doubles of fp64 partials the split jobs write
+  bool padded = false;        // some output entry is written by no kernel: zero-initialise
+};
+
+LaunchPlan make_launch_plan(const LoraGramPlan& plan, const DeviceFacts& facts, const at::TensorOptions& dev) {
   const int64_t R = plan.max_rank;
-  if (n == 0) {
-    const auto cpu = at::TensorOptions().dtype(at::kDouble);
-    return {at::empty({0, 0, 0}, cpu), at::empty({0, 0, 0}, cpu)};
-  }
-  const c10::cuda::CUDAGuard guard(Bs[0].device());
-  const at::TensorOptions dev = at::TensorOptions().device(Bs[0].device()).dtype(at::kDouble);
-  const DeviceFacts facts = device_facts(Bs[0].device().index());
   const int64_t num_jobs = static_cast<int64_t>(plan.jobs.size());
-  GG_CHECK(num_jobs < (int64_t(1) << 31), "lora_gram: too many adapters (", n, ")");
+  LaunchPlan lp;
   std::vector<int32_t> path(num_jobs);
   int64_t base_units = 0;
-  bool padded = false;  // some output entry is not written by a kernel: zero-initialise
   for (int64_t j = 0; j < num_jobs; ++j) {
     const GramJob& g = plan.jobs[j];
     path[j] = facts.mma ? mma_path(g) : 0;
     const int64_t tiles = (g.cols + kTile - 1) / kTile;
     base_units += g.rows == 0 ? 0 : (path[j] ? 1 : tiles * (tiles + 1) / 2);
-    padded = padded || g.rows == 0 || g.cols < R;
+    lp.padded = lp.padded || g.rows == 0 || g.cols < R;
   }
-  at::Tensor gb = padded ? at::zeros({n, R, R}, dev) : at::empty({n, R, R}, dev);
-  at::Tensor ga = padded ? at::zeros({n, R, R}, dev) : at::empty({n, R, R}, dev);
-  if (R == 0) return {gb, ga};
   // Split rows until there are enough blocks to fill the GPU a few times over.
   const int64_t want_splits =
       std::max<int64_t>(1, (int64_t(8) * facts.sms + base_units - 1) / std::max<int64_t>(base_units, 1));
@@ -322,7 +320,6 @@ std::tuple<at::Tensor, at::Tensor> lora_gram_cuda(at::TensorList Bs, at::TensorL
   mma_units.reserve(num_jobs);
   wide_units.reserve(num_jobs);
   std::vector<int32_t> merge_jobs;
-  int64_t partial_total = 0;
   // The split of the previous job, reused for a job of the same rows, cols and path (the usual
   // case: adapters of one model share shapes), which saves five 64-bit divisions a job.
   int64_t memo_rows = -1, memo_cols = -1, per_split = 0, splits = 0;
@@ -348,11 +345,11 @@ std::tuple<at::Tensor, at::Tensor> lora_gram_cuda(at::TensorList Bs, at::TensorL
       memo_path = path[j];
     }
     const bool direct = path[j] && splits == 1;
-    jobs[j] = DeviceGramJob{g.data, g.rows, g.row_stride, g.col_stride, partial_total, static_cast<int32_t>(g.cols),
+    jobs[j] = DeviceGramJob{g.data, g.rows, g.row_stride, g.col_stride, lp.partial_total, static_cast<int32_t>(g.cols),
                             static_cast<int32_t>(g.type), static_cast<int32_t>(splits),
                             path[j] | (direct ? kDirect : 0), per_split};
     if (splits > 0 && !direct) {
-      partial_total += splits * g.cols * g.cols;
+      lp.partial_total += splits * g.cols * g.cols;
       merge_jobs.push_back(static_cast<int32_t>(j));
     }
     const int32_t tiles = path[j] ? 1 : static_cast<int32_t>((g.cols + kTile - 1) / kTile);
@@ -363,54 +360,134 @@ std::tuple<at::Tensor, at::Tensor> lora_gram_cuda(at::TensorList Bs, at::TensorL
   }
   const size_t total_units = units.size() + mma_units.size() + wide_units.size();
   GG_CHECK(total_units < (size_t(1) << 31), "lora_gram: too many work units (", total_units, ")");
+  lp.units = static_cast<int64_t>(units.size());
+  lp.narrow = static_cast<int64_t>(mma_units.size());
+  lp.wide = static_cast<int64_t>(wide_units.size());
+  lp.merges = static_cast<int64_t>(merge_jobs.size());
   mma_units.insert(mma_units.end(), wide_units.begin(), wide_units.end());  // narrow first, then wide
-  const int64_t narrow = static_cast<int64_t>(mma_units.size() - wide_units.size());
 
-  // One upload (reused while the factors stay in place): jobs, CUDA-core units, tensor-core
-  // units, merge list (int32 pairs per word).
-  const int64_t job_words = num_jobs * 8;
-  const int64_t unit_words = 2 * static_cast<int64_t>(units.size());
-  const int64_t mma_words = 2 * static_cast<int64_t>(mma_units.size());
-  const int64_t merge_words = (static_cast<int64_t>(merge_jobs.size()) + 1) / 2;
-  const at::Tensor meta = cached_upload_words(job_words + unit_words + mma_words + merge_words, dev, [&](int64_t* host) {
-    std::memcpy(host, jobs.data(), job_words * sizeof(int64_t));
-    if (!units.empty()) std::memcpy(host + job_words, units.data(), units.size() * sizeof(DeviceGramUnit));
+  // One upload (reused while the factors stay in place).
+  lp.job_words = num_jobs * 8;
+  lp.unit_words = 2 * lp.units;
+  lp.mma_words = 2 * (lp.narrow + lp.wide);
+  const int64_t merge_words = (lp.merges + 1) / 2;
+  lp.meta = cached_upload_words(lp.job_words + lp.unit_words + lp.mma_words + merge_words, dev, [&](int64_t* host) {
+    std::memcpy(host, jobs.data(), lp.job_words * sizeof(int64_t));
+    if (!units.empty()) std::memcpy(host + lp.job_words, units.data(), units.size() * sizeof(DeviceGramUnit));
     if (!mma_units.empty())
-      std::memcpy(host + job_words + unit_words, mma_units.data(), mma_units.size() * sizeof(DeviceGramUnit));
+      std::memcpy(host + lp.job_words + lp.unit_words, mma_units.data(), mma_units.size() * sizeof(DeviceGramUnit));
     if (!merge_jobs.empty())
-      std::memcpy(host + job_words + unit_words + mma_words, merge_jobs.data(), merge_jobs.size() * sizeof(int32_t));
+      std::memcpy(host + lp.job_words + lp.unit_words + lp.mma_words, merge_jobs.data(),
+                  merge_jobs.size() * sizeof(int32_t));
   });
-  const int64_t* words_dev = meta.data_ptr<int64_t>();
+  return lp;
+}
+
+bool same_jobs(const std::vector<GramJob>& a, const std::vector<GramJob>& b) {
+  if (a.size() != b.size()) return false;
+  for (size_t i = 0; i < a.size(); ++i) {
+    const GramJob& x = a[i];
+    const GramJob& y = b[i];
+    if (x.data != y.data || x.rows != y.rows || x.cols != y.cols || x.row_stride != y.row_stride ||
+        x.col_stride != y.col_stride || x.type != y.type)
+      return false;
+  }
+  return true;
+}
+
+// make_launch_plan with a cache: the same factors in the same places (the usual case: the same
+// adapters every step) on the same device and stream get the launch plan of an earlier call back,
+// checked job by job, without rebuilding and comparing its metadata words. Entries are read-only
+// and replaced only by calls on their own stream, like cached_upload_words' entries.
+LaunchPlan cached_launch_plan(const LoraGramPlan& plan, const DeviceFacts& facts, const at::TensorOptions& dev) {
+  struct Entry {
+    int device;
+    int64_t stream;
+    std::vector<GramJob> jobs;
+    LaunchPlan launch;
+    uint64_t last_use;
+  };
+  struct Cache {
+    std::mutex mu;
+    std::vector<Entry> entries;
+    uint64_t clock = 0;
+  };
+  constexpr size_t kEntries = 16;
+  static Cache* cache = new Cache();  // never destroyed: no CUDA frees after the runtime shuts down
+  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None)
+    return make_launch_plan(plan, facts, dev);  // the graph must own its metadata
+  const int device = dev.device().index();
+  const int64_t stream = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)).id();
+  {
+    const std::lock_guard<std::mutex> lock(cache->mu);
+    for (Entry& e : cache->entries) {
+      if (e.device == device && e.stream == stream && same_jobs(e.jobs, plan.jobs)) {
+        e.last_use = ++cache->clock;
+        return e.launch;
+      }
+    }
+  }
+  LaunchPlan fresh = make_launch_plan(plan, facts, dev);
+  const std::lock_guard<std::mutex> lock(cache->mu);
+  Entry entry{device, stream, plan.jobs, fresh, ++cache->clock};
+  if (cache->entries.size() < kEntries) {
+    cache->entries.push_back(std::move(entry));
+    return fresh;
+  }
+  Entry* victim = nullptr;  // the least recently used entry of this stream
+  for (Entry& e : cache->entries)
+    if (e.device == device && e.stream == stream && (victim == nullptr || e.last_use < victim->last_use)) victim = &e;
+  if (victim != nullptr) *victim = std::move(entry);
+  return fresh;
+}
+
+std::tuple<at::Tensor, at::Tensor> lora_gram_cuda(at::TensorList Bs, at::TensorList As) {
+  const LoraGramPlan plan = make_lora_gram_plan(Bs, As);
+  const int64_t n = plan.num_adapters;
+  const int64_t R = plan.max_rank;
+  if (n == 0) {
+    const auto cpu = at::TensorOptions().dtype(at::kDouble);
+    return {at::empty({0, 0, 0}, cpu), at::empty({0, 0, 0}, cpu)};
+  }
+  const c10::cuda::CUDAGuard guard(Bs[0].device());
+  const at::TensorOptions dev = at::TensorOptions().device(Bs[0].device()).dtype(at::kDouble);
+  GG_CHECK(static_cast<int64_t>(plan.jobs.size()) < (int64_t(1) << 31), "lora_gram: too many adapters (", n, ")");
+  if (R == 0) return {at::zeros({n, 0, 0}, dev), at::zeros({n, 0, 0}, dev)};
+  const LaunchPlan lp = cached_launch_plan(plan, device_facts(Bs[0].device().index()), dev);
+  at::Tensor gb = lp.padded ? at::zeros({n, R, R}, dev) : at::empty({n, R, R}, dev);
+  at::Tensor ga = lp.padded ? at::zeros({n, R, R}, dev) : at::empty({n, R, R}, dev);
+
+  const int64_t* words_dev = lp.meta.data_ptr<int64_t>();
   const auto* dev_jobs = reinterpret_cast<const DeviceGramJob*>(words_dev);
-  const auto* dev_units = reinterpret_cast<const DeviceGramUnit*>(words_dev + job_words);
-  const auto* dev_mma_units = reinterpret_cast<const DeviceGramUnit*>(words_dev + job_words + unit_words);
-  const auto* dev_merge = reinterpret_cast<const int32_t*>(words_dev + job_words + unit_words + mma_words);
+  const auto* dev_units = reinterpret_cast<const DeviceGramUnit*>(words_dev + lp.job_words);
+  const auto* dev_mma_units = reinterpret_cast<const DeviceGramUnit*>(words_dev + lp.job_words + lp.unit_words);
+  const auto* dev_merge = reinterpret_cast<const int32_t*>(words_dev + lp.job_words + lp.unit_words + lp.mma_words);
 
   at::Tensor partials;  // only split jobs write partials
-  if (partial_total > 0) partials = at::empty({partial_total}, dev);
-  double* const part = partial_total > 0 ? partials.data_ptr<double>() : nullptr;
+  if (lp.partial_total > 0) partials = at::empty({lp.partial_total}, dev);
+  double* const part = lp.partial_total > 0 ? partials.data_ptr<double>() : nullptr;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   double* const out_b = gb.data_ptr<double>();
   double* const out_a = ga.data_ptr<double>();
-  if (narrow > 0) {
+  if (lp.narrow > 0) {
     using Ring = mma_gram::Ring<false>;
-    gram_mma_kernel<false><<<static_cast<unsigned>(narrow), Ring::kThreads, Ring::kSmemBytes, stream>>>(
+    gram_mma_kernel<false><<<static_cast<unsigned>(lp.narrow), Ring::kThreads, Ring::kSmemBytes, stream>>>(
         dev_jobs, dev_mma_units, part, R, out_b, out_a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  if (!wide_units.empty()) {
+  if (lp.wide > 0) {
     using Ring = mma_gram::Ring<true>;
-    gram_mma_kernel<true><<<static_cast<unsigned>(wide_units.size()), Ring::kThreads, Ring::kSmemBytes, stream>>>(
-        dev_jobs, dev_mma_units + narrow, part, R, out_b, out_a);
+    gram_mma_kernel<true><<<static_cast<unsigned>(lp.wide), Ring::kThreads, Ring::kSmemBytes, stream>>>(
+        dev_jobs, dev_mma_units + lp.narrow, part, R, out_b, out_a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  if (!units.empty()) {
-    gram_units_kernel<<<static_cast<unsigned>(units.size()), kThreads, 0, stream>>>(dev_jobs, dev_units, part);
+  if (lp.units > 0) {
+    gram_units_kernel<<<static_cast<unsigned>(lp.units), kThreads, 0, stream>>>(dev_jobs, dev_units, part);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  if (!merge_jobs.empty()) {
-    gram_merge_kernel<<<static_cast<unsigned>(merge_jobs.size()), kThreads, 0, stream>>>(dev_jobs, dev_merge, part, R,
-                                                                                       out_b, out_a);
+  if (lp.merges > 0) {
+    gram_merge_kernel<<<static_cast<unsigned>(lp.merges), kThreads, 0, stream>>>(dev_jobs, dev_merge, part, R, out_b,
+                                                                                out_a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return {gb, ga};
