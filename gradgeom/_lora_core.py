@@ -91,7 +91,7 @@ def error_bound(gb: torch.Tensor, ga: torch.Tensor) -> torch.Tensor:
 
 def fro(gb: torch.Tensor, ga: torch.Tensor) -> torch.Tensor:
     """‖B·A‖_F = √max(Σ G_B∘G_A, 0) per adapter, float64 ``[n]``, in one native launch."""
-    return torch.ops.gradgeom.gram_fro(gb, ga)
+    return lora_ops.gram_fro(gb, ga)
 
 
 def _sym(x: torch.Tensor) -> torch.Tensor:

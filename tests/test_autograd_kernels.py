@@ -5,10 +5,8 @@ fallback for custom operators is never taken."""
 import pytest
 import torch
 
+from conftest import DEVICES
 from gradgeom import _native  # noqa: F401  (registers torch.ops.gradgeom)
-
-HAS_CUDA = torch.cuda.is_available()
-DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 
 OPS = ["group_moments", "sketch_moments", "lora_gram", "gram_fro", "sym_eigh", "psd_cholesky", "lora_fro",
        "lora_svdvals", "lora_principal_angles"]

@@ -3,20 +3,12 @@
 import pytest
 import torch
 
+from conftest import requires_cuda
 from gradgeom import lora_ops, reference
-
-HAS_CUDA = torch.cuda.is_available()
-DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
-requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 
 # fp64 sums of up to 10^6 products in a fixed order, against the float64 reference's own order:
 # the squares agree to well below 1e-13 of Σ|gb∘ga|.
 SQ_RTOL = 1e-13
-
-
-@pytest.fixture(params=DEVICES)
-def device(request):
-    return torch.device(request.param)
 
 
 def assert_fro_close(got, gb, ga):
