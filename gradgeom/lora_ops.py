@@ -284,8 +284,9 @@ def psd_cholesky(A: torch.Tensor, *, tol: float = 1e-14) -> torch.Tensor:
         lower-triangular matrix; its nonzero columns are A's numerical rank). Unlike
         ``torch.linalg.cholesky`` it never fails on singular input (a zero matrix gives F = 0),
         and pivoting keeps rounding noise in a rank-deficient Gram matrix from being amplified.
-        One block per matrix on CUDA: in registers for 33 ≤ n ≤ 128, else packed in shared memory
-        (up to n = 223 on an H100).
+        One block per matrix on CUDA: blocked (a panel of columns between trailing updates, the
+        packed triangle in shared memory) for n ≤ 128, else unblocked on the packed triangle (in
+        shared memory up to n = 223 on an H100).
     """
     _check_square_batch("psd_cholesky", A)
     return torch.ops.gradgeom.psd_cholesky(A, float(tol))

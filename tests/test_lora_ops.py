@@ -295,7 +295,7 @@ def eig_batch(n, device):
     return A.to(device)
 
 
-@pytest.mark.parametrize("n", [0, 1, 2, 3, 16, 33, 64, 65, 100, 128, 129, 256])
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 16, 33, 64, 65, 100, 127, 128, 129, 256])
 def test_sym_eigvals_awkward_spectra(device, n):
     A = eig_batch(n, device)
     w, V = lora_ops.sym_eigh(A, vectors=False)
@@ -495,11 +495,11 @@ def test_cuda_psd_cholesky_large_matches_cpu(n):
 
 
 @requires_cuda
-@pytest.mark.parametrize("n", [33, 64, 65, 128])
-def test_cuda_psd_cholesky_tile_matches_cpu(n):
-    """33 <= n <= 128 runs on a register tile on the GPU: the pivots of the CPU run, the same
-    factor to rounding, zeros beyond the numerical rank, and an all-NaN F for a non-finite
-    diagonal."""
+@pytest.mark.parametrize("n", [1, 2, 15, 16, 17, 31, 33, 64, 65, 100, 127, 128])
+def test_cuda_psd_cholesky_blocked_matches_cpu(n):
+    """n <= 128 runs blocked on the GPU (panels of 16 columns, stops inside a panel at the rank
+    n/2): the pivots of the CPU run, the same factor to rounding, zeros beyond the numerical
+    rank, and an all-NaN F for a non-finite diagonal."""
     g = torch.Generator().manual_seed(n)
     Y = torch.randn(224, n, n + 3, dtype=torch.float64, generator=g)
     Y[1::2, :, n // 2:] = 0  # rank n/2

@@ -1,7 +1,9 @@
 // Micro-benchmark of the one-block-per-matrix r x r kernels (no torch, builds in seconds): times
 // the packed kernels (tridiag::eigvalsh, its phases: scale + Householder, bisection with 1, 2 or
 // 4 shifts per thread; cholesky::factor) at 128 and 256 threads, and for 32 < n <= 128 the
-// register-tile kernels that ship there (tridiag_tile.cuh + the bisection launch, cholesky_tile.cuh)
+// register-tile kernels that ship there for n <= 64 (tridiag_tile.cuh + the bisection launch), the
+// thread-per-row Householder kernel that ships for 64 < n <= 128 (tridiag_rows.cuh), and the
+// blocked Cholesky that ships for n <= 128 (cholesky_panel.cuh)
 // against them: eigenvalue differences, whether F is the same bit for bit, the bisection at
 // 128/256/512 threads, and per-phase cycle counts of one Householder / Cholesky step (ClockProbe).
 //
@@ -16,9 +18,10 @@
 #include <cstring>
 #include <vector>
 
-#include "gradgeom/cholesky_tile.cuh"
+#include "gradgeom/cholesky_panel.cuh"
 #include "gradgeom/psd_cholesky.h"
 #include "gradgeom/tridiag_eig.h"
+#include "gradgeom/tridiag_rows.cuh"
 #include "gradgeom/tridiag_tile.cuh"
 
 #define CK(x)                                                                              \
@@ -86,6 +89,17 @@ __global__ void __launch_bounds__(256, 2) chol_header(const double* in, int n, d
   block::load_lower(in + blockIdx.x * int64_t(n) * n, n, a, threadIdx.x, blockDim.x);
   __syncthreads();
   cholesky::factor(a, n, tol, F + blockIdx.x * int64_t(n) * n, smem, iwork, threadIdx.x, blockDim.x, Sync{});
+}
+
+__global__ void __launch_bounds__(cholesky::kPanelThreads, 2) chol_panel(const double* in, int n, double tol, double* F) {
+  extern __shared__ __align__(16) double smem[];  // the panel rows are read as double2
+  cholesky::factor_panel(in + blockIdx.x * int64_t(n) * n, n, tol, F + blockIdx.x * int64_t(n) * n, smem);
+}
+
+__global__ void __launch_bounds__(tridiag::kRowsThreads, 2) house_rows(const double* in, int n, double* tri, int* scale, double* w) {
+  extern __shared__ double smem[];
+  tridiag::tridiag_rows(in + blockIdx.x * int64_t(n) * n, n, smem, tri + blockIdx.x * 3 * int64_t(n), scale + blockIdx.x,
+                        w + blockIdx.x * n);
 }
 
 // ---- host --------------------------------------------------------------------------------------
@@ -175,14 +189,6 @@ __global__ void __launch_bounds__(kThreads, kThreads <= 256 ? 2 : 1) tri_bisect(
   tridiag::bisect<tridiag::kPoints>(n, smem, iwork, w + blockIdx.x * n, e, threadIdx.x, blockDim.x, Sync{});
 }
 
-template <class M>
-__global__ void __launch_bounds__(M::kThreads, M::kMinBlocks) chol_tile(const double* in, int n, double tol, double* F) {
-  extern __shared__ double smem[];
-  M A(threadIdx.x);
-  A.load_lower(in + blockIdx.x * int64_t(n) * n, n);
-  cholesky::factor_tile(A, n, tol, F + blockIdx.x * int64_t(n) * n, smem, threadIdx.x);
-}
-
 // Cycle counts per phase of every step, summed over the steps in registers (the phase is a
 // constant at every call), written out by thread `who` of block 0 at the end.
 struct ClockProbe {
@@ -220,28 +226,14 @@ __global__ void __launch_bounds__(M::kThreads, M::kMinBlocks) house_probe(const 
 }
 
 template <class M>
-__global__ void __launch_bounds__(M::kThreads, M::kMinBlocks) chol_probe(const double* in, int n, double tol, double* F, long long* acc, int who) {
-  extern __shared__ double smem[];
-  M A(threadIdx.x);
-  A.load_lower(in + blockIdx.x * int64_t(n) * n, n);
-  ClockProbe probe;
-  cholesky::factor_tile(A, n, tol, F + blockIdx.x * int64_t(n) * n, smem, threadIdx.x, probe);
-  probe.flush(acc, who);
-}
-
-template <class M>
 static void probe_case(const double* in, double* w, double* F, int batch, int n) {
   const size_t esmem = tridiag::tile_workspace_doubles<M>() * 8;
-  const size_t csmem = cholesky::tile_workspace_doubles<M>() * 8;
   long long* acc;
   CK(cudaMalloc(&acc, 16 * 8));
   for (int who : {0, M::kThreads - 1}) {
-    for (int kind = 0; kind < 2; ++kind) {
+    for (int kind = 0; kind < 1; ++kind) {
       CK(cudaMemset(acc, 0, 16 * 8));
-      if (kind == 0)
-        house_probe<M><<<batch, M::kThreads, esmem>>>(in, n, w, acc, who);
-      else
-        chol_probe<M><<<batch, M::kThreads, csmem>>>(in, n, 1e-14, F, acc, who);
+      house_probe<M><<<batch, M::kThreads, esmem>>>(in, n, w, acc, who);
       CK(cudaDeviceSynchronize());
       long long h[16];
       CK(cudaMemcpy(h, acc, sizeof h, cudaMemcpyDeviceToHost));
@@ -259,11 +251,10 @@ static void probe_case(const double* in, double* w, double* F, int batch, int n)
 
 template <class M>
 static void tile_case(const double* in, double* w, double* F, int batch, int n, const std::vector<double>& h,
-                      const std::vector<double>& w_ref, const std::vector<double>& F_ref) {
+                      const std::vector<double>& w_ref) {
   const size_t esmem = tridiag::tile_workspace_doubles<M>() * 8;
   const size_t bsmem = tridiag::workspace_doubles(n) * 8 + tridiag::grid_points(n, 256) * 4;
-  const size_t csmem = cholesky::tile_workspace_doubles<M>() * 8;
-  std::vector<double> got(size_t(batch) * n), Fgot(size_t(batch) * n * n);
+  std::vector<double> got(size_t(batch) * n);
   double* tri;
   int* scale;
   CK(cudaMalloc(&tri, size_t(batch) * 3 * n * 8));
@@ -298,13 +289,44 @@ static void tile_case(const double* in, double* w, double* F, int batch, int n, 
   }
   CK(cudaFree(tri));
   CK(cudaFree(scale));
-  const float tc = time_ms([&] { chol_tile<M><<<batch, M::kThreads, csmem>>>(in, n, 1e-14, F); });
-  CK(cudaMemcpy(Fgot.data(), F, Fgot.size() * 8, cudaMemcpyDeviceToHost));
-  size_t fdiff = 0;
-  for (size_t i = 0; i < Fgot.size(); ++i) fdiff += std::memcmp(&Fgot[i], &F_ref[i], 8) != 0;
   std::printf("n=%4d TILE NP=%d thr=%4d eigvalsh %8.1f us (householder %8.1f, trace err %.1e, max |w-w_old|/|w|max %.1e)"
-              "   cholesky %8.1f us (%zu entries differ from the packed kernel)\n",
-              n, M::NP, M::kThreads, te * 1e3, th * 1e3, trace_error(got, h, batch, n), werr, tc * 1e3, fdiff);
+              "\n",
+              n, M::NP, M::kThreads, te * 1e3, th * 1e3, trace_error(got, h, batch, n), werr);
+}
+
+// The thread-per-row Householder kernel that ships for 64 < n <= 128 (tridiag_rows.cuh) and its
+// bisection launch, against the packed kernel's eigenvalues w_ref.
+static void rows_case(const double* in, double* w, int batch, int n, const std::vector<double>& h,
+                      const std::vector<double>& w_ref) {
+  const size_t bsmem = tridiag::workspace_doubles(n) * 8 + tridiag::grid_points(n, 256) * 4;
+  double* tri;
+  int* scale;
+  CK(cudaMalloc(&tri, size_t(batch) * 3 * n * 8));
+  CK(cudaMalloc(&scale, size_t(batch) * 4));
+  {
+    const int rsmem = int(tridiag::rows_smem_bytes(n));
+    CK(cudaFuncSetAttribute(house_rows, cudaFuncAttributeMaxDynamicSharedMemorySize, rsmem));
+    const float trh = time_ms([&] { house_rows<<<batch, tridiag::kRowsThreads, rsmem>>>(in, n, tri, scale, w); });
+    const float tre = time_ms([&] {
+      house_rows<<<batch, tridiag::kRowsThreads, rsmem>>>(in, n, tri, scale, w);
+      tri_bisect<256><<<batch, 256, bsmem>>>(tri, scale, n, w);
+    });
+    std::vector<double> wr(size_t(batch) * n);
+    CK(cudaMemcpy(wr.data(), w, wr.size() * 8, cudaMemcpyDeviceToHost));
+    double rerr = 0;
+    for (int b = 0; b < batch; ++b) {
+      double big = 0;
+      for (int i = 0; i < n; ++i) big = std::max(big, std::fabs(w_ref[size_t(b) * n + i]));
+      for (int i = 0; i < n; ++i) {
+        const double e = std::fabs(wr[size_t(b) * n + i] - w_ref[size_t(b) * n + i]) / big;
+        rerr = std::isnan(e) ? INFINITY : std::max(rerr, e);
+      }
+    }
+    std::printf("n=%4d ROWS eigvalsh %8.1f us (householder %8.1f, trace err %.1e, max |w-w_old|/|w|max %.1e, smem %d B)\n", n,
+                tre * 1e3, trh * 1e3, trace_error(wr, h, batch, n), rerr, rsmem);
+  }
+  CK(cudaFree(tri));
+  CK(cudaFree(scale));
 }
 
 int main(int argc, char** argv) {
@@ -314,7 +336,7 @@ int main(int argc, char** argv) {
   setvbuf(stdout, nullptr, _IONBF, 0);
   std::printf("# %s, %d SMs, batch %d\n", prop.name, prop.multiProcessorCount, batch);
   const int only_n = argc > 2 ? std::atoi(argv[2]) : 0;
-  for (int n : {16, 32, 48, 64, 100, 128}) {
+  for (int n : {16, 32, 33, 48, 64, 100, 127, 128}) {
     if (only_n && n != only_n) continue;
     std::vector<double> h = make_batch(batch, n);
     double *in, *w, *F;
@@ -351,14 +373,22 @@ int main(int argc, char** argv) {
       std::printf("n=%4d thr=%4d eigvalsh %8.1f us (trace error %.1e)   cholesky %8.1f us\n", n, threads, t1 * 1e3,
                   trace_error(got, h, batch, n), tc * 1e3);
     }
+    {
+      const int psmem = int(cholesky::panel_smem_bytes(n));
+      CK(cudaFuncSetAttribute(chol_panel, cudaFuncAttributeMaxDynamicSharedMemorySize, psmem));
+      const float tp = time_ms([&] { chol_panel<<<batch, cholesky::kPanelThreads, psmem>>>(in, n, 1e-14, F); });
+      std::vector<double> Fp(F_ref.size());
+      CK(cudaMemcpy(Fp.data(), F, Fp.size() * 8, cudaMemcpyDeviceToHost));
+      size_t pdiff = 0;
+      for (size_t i = 0; i < Fp.size(); ++i) pdiff += std::memcmp(&Fp[i], &F_ref[i], 8) != 0;
+      std::printf("n=%4d PANEL cholesky %8.1f us (%zu entries differ from the packed kernel, smem %d B)\n", n, tp * 1e3,
+                  pdiff, psmem);
+    }
     if (n > 32 && n <= 64) {
-      tile_case<tile::Matrix64>(in, w, F, batch, n, h, w_ref, F_ref);
+      tile_case<tile::Matrix64>(in, w, F, batch, n, h, w_ref);
       probe_case<tile::Matrix64>(in, w, F, batch, n);
     }
-    if (n > 64 && n <= 128) {
-      tile_case<tile::Matrix128>(in, w, F, batch, n, h, w_ref, F_ref);
-      probe_case<tile::Matrix128>(in, w, F, batch, n);
-    }
+    if (n > 32 && n <= 128) rows_case(in, w, batch, n, h, w_ref);
     CK(cudaFree(in));
     CK(cudaFree(w));
     CK(cudaFree(F));

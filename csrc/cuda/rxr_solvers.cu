@@ -1,7 +1,8 @@
 // The batched r x r ops on CUDA, one block per matrix, fp64, lower triangle read.
 // - sym_eigh without vectors: Householder tridiagonalisation + bisection (tridiag_eig.h).
-//   For 32 < n <= 128 the matrix lives in registers (tridiag_tile.cuh: 256 threads for n <= 64,
-//   512 above) and the bisection runs in a second launch on the tridiagonal matrices, where two
+//   For 32 < n <= 64 the matrix lives in registers (tridiag_tile.cuh, 256 threads), for
+//   64 < n <= 128 packed in shared memory with a thread per row (tridiag_rows.cuh, two matrices
+//   per SM), and the bisection runs in a second launch on the tridiagonal matrices, where two
 //   matrices share an SM. Otherwise one kernel works on the packed lower triangle, two barriers
 //   per Householder step; shared memory holds the workspace and as many trailing rows of the
 //   packed matrix as fit (all of it up to n = 232 on an H100); the leading rows of larger
@@ -10,9 +11,10 @@
 // - sym_eigh with vectors: the parallel cyclic Jacobi solver of jacobi.h. The matrix and the
 //   eigenvectors live in shared memory when they fit the block's opt-in limit (n <= 64 on an
 //   H100), else in a global workspace that stays L2-resident.
-// - psd_cholesky: psd_cholesky.h; for 32 < n <= 128 on a register tile (cholesky_tile.cuh, the
-//   same F bit for bit), otherwise on the packed lower triangle, one barrier per pivot step (in
-//   shared memory up to n = 223 on an H100; global above).
+// - psd_cholesky: psd_cholesky.h; for n <= 128 blocked, a panel of columns between trailing
+//   updates (cholesky_panel.cuh, the same F bit for bit, two matrices per SM), otherwise on the
+//   packed lower triangle, one barrier per pivot step (in shared memory up to n = 223 on an H100;
+//   global above).
 // Avoids cuSOLVER's batched syevj cliff at n > 32.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -28,12 +30,13 @@
 
 #include "gradgeom/block_ops.h"
 #include "gradgeom/check.h"
-#include "gradgeom/cholesky_tile.cuh"
+#include "gradgeom/cholesky_panel.cuh"
 #include "gradgeom/jacobi.h"
 #include "gradgeom/psd_cholesky.h"
 #include "gradgeom/rxr_check.h"
 #include "gradgeom/tile_matrix.cuh"
 #include "gradgeom/tridiag_eig.h"
+#include "gradgeom/tridiag_rows.cuh"
 #include "gradgeom/tridiag_tile.cuh"
 
 namespace gradgeom {
@@ -93,8 +96,11 @@ __global__ void __launch_bounds__(kMaxThreads, 2)
   tridiag::eigvalsh(a, n, smem, iwork, w_out + b * n, threadIdx.x, blockDim.x, BlockSync{});
 }
 
-// Register tiles (tile_matrix.cuh) for 33 <= n <= 128: tile::Matrix64 up to 64, Matrix128 above.
-bool use_tile(int64_t n) { return n >= 33 && n <= tile::Matrix128::NP; }
+// The Householder reduction for 33 <= n <= 64 on a register tile (tile_matrix.cuh, tile::Matrix64),
+// for 64 < n <= 128 on the packed triangle with a thread per row (tridiag_rows.cuh); the bisection
+// runs in a second launch for both.
+bool use_tile(int64_t n) { return n >= 33 && n <= tile::Matrix64::NP; }
+bool use_rows(int64_t n) { return n > tile::Matrix64::NP && n <= tridiag::kRowsMaxN; }
 
 template <class M>
 __global__ void __launch_bounds__(M::kThreads, M::kMinBlocks)
@@ -106,7 +112,15 @@ __global__ void __launch_bounds__(M::kThreads, M::kMinBlocks)
   tridiag::tridiag_tile(A, n, smem, tri + b * 3 * int64_t(n), scale + b, w_out + b * n, threadIdx.x);
 }
 
-// Bisection of the tridiagonal matrices tridiag_tile_kernel leaves (d, e, e2 per matrix).
+__global__ void __launch_bounds__(tridiag::kRowsThreads, 2)
+    tridiag_rows_kernel(const double* in, int n, double* tri, int* scale, double* w_out) {
+  extern __shared__ double smem[];
+  const int64_t b = blockIdx.x;
+  tridiag::tridiag_rows(in + b * int64_t(n) * n, n, smem, tri + b * 3 * int64_t(n), scale + b, w_out + b * n);
+}
+
+// Bisection of the tridiagonal matrices tridiag_tile_kernel and tridiag_rows_kernel leave (d, e,
+// e2 per matrix).
 __global__ void __launch_bounds__(256, 2)
     tridiag_bisect_kernel(const double* tri, const int* scale, int n, double* w_out) {
   extern __shared__ double smem[];
@@ -120,14 +134,11 @@ __global__ void __launch_bounds__(256, 2)
   tridiag::bisect<tridiag::kPoints>(n, smem, iwork, w_out + b * n, e, threadIdx.x, blockDim.x, BlockSync{});
 }
 
-template <class M>
-__global__ void __launch_bounds__(M::kThreads, M::kMinBlocks)
-    psd_cholesky_tile_kernel(const double* in, int n, double tol, double* F) {
-  extern __shared__ double smem[];
+__global__ void __launch_bounds__(cholesky::kPanelThreads, 2)
+    psd_cholesky_panel_kernel(const double* in, int n, double tol, double* F) {
+  extern __shared__ __align__(16) double smem[];  // the panel rows are read as double2
   const int64_t b = blockIdx.x;
-  M A(threadIdx.x);
-  A.load_lower(in + b * int64_t(n) * n, n);
-  cholesky::factor_tile(A, n, tol, F + b * int64_t(n) * n, smem, threadIdx.x);
+  cholesky::factor_panel(in + b * int64_t(n) * n, n, tol, F + b * int64_t(n) * n, smem);
 }
 
 // Threads per matrix: measured on an H100 (224 matrices), 256 beat 512 for the eigenvalue and
@@ -148,16 +159,15 @@ void allow_smem(Kernel kernel, int64_t bytes) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
 }
 
-template <class M>
-void eigvalsh_tile_cuda(const at::Tensor& a64, at::Tensor& w) {
+// The reduction to tridiagonal form (`reduce` launches it into tri and scale), then the bisection.
+template <typename Reduce>
+void eigvalsh_two_launches(const at::Tensor& a64, at::Tensor& w, Reduce reduce) {
   const int64_t batch = a64.size(0);
   const int n = static_cast<int>(a64.size(1));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor tri = at::empty({batch, 3 * n}, a64.options());
   at::Tensor scale = at::empty({batch}, a64.options().dtype(at::kInt));
-  constexpr int64_t tile_smem = tridiag::tile_workspace_doubles<M>() * int64_t(sizeof(double));
-  tridiag_tile_kernel<M><<<static_cast<unsigned>(batch), M::kThreads, tile_smem, stream>>>(
-      a64.data_ptr<double>(), n, tri.data_ptr<double>(), scale.data_ptr<int>(), w.data_ptr<double>());
+  reduce(static_cast<unsigned>(batch), n, stream, tri.data_ptr<double>(), scale.data_ptr<int>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   constexpr int kBisectThreads = 256;
   const int64_t bisect_smem = tridiag::workspace_doubles(n) * int64_t(sizeof(double)) +
@@ -170,11 +180,22 @@ void eigvalsh_tile_cuda(const at::Tensor& a64, at::Tensor& w) {
 void eigvalsh_cuda(const at::Tensor& a64, at::Tensor& w) {
   const int64_t batch = a64.size(0);
   const int n = static_cast<int>(a64.size(1));
+  const double* in = a64.data_ptr<double>();
+  double* w_out = w.data_ptr<double>();
   if (use_tile(n)) {
-    if (n <= tile::Matrix64::NP)
-      eigvalsh_tile_cuda<tile::Matrix64>(a64, w);
-    else
-      eigvalsh_tile_cuda<tile::Matrix128>(a64, w);
+    using M = tile::Matrix64;
+    eigvalsh_two_launches(a64, w, [&](unsigned blocks, int n_, cudaStream_t stream, double* tri, int* scale) {
+      constexpr int64_t smem = tridiag::tile_workspace_doubles<M>() * int64_t(sizeof(double));
+      tridiag_tile_kernel<M><<<blocks, M::kThreads, smem, stream>>>(in, n_, tri, scale, w_out);
+    });
+    return;
+  }
+  if (use_rows(n)) {
+    eigvalsh_two_launches(a64, w, [&](unsigned blocks, int n_, cudaStream_t stream, double* tri, int* scale) {
+      const int64_t smem = tridiag::rows_smem_bytes(n_);
+      allow_smem(tridiag_rows_kernel, smem);
+      tridiag_rows_kernel<<<blocks, tridiag::kRowsThreads, static_cast<size_t>(smem), stream>>>(in, n_, tri, scale, w_out);
+    });
     return;
   }
   const int threads = block_threads(n);
@@ -247,12 +268,13 @@ __global__ void __launch_bounds__(kMaxThreads, 2)
   cholesky::factor(a, n, tol, F + b * int64_t(n) * n, smem, iwork, threadIdx.x, blockDim.x, BlockSync{});
 }
 
-template <class M>
-void psd_cholesky_tile_cuda(const at::Tensor& a64, double tol, at::Tensor& F) {
-  constexpr int64_t bytes = cholesky::tile_workspace_doubles<M>() * int64_t(sizeof(double));
+void psd_cholesky_panel_cuda(const at::Tensor& a64, double tol, at::Tensor& F) {
+  const int n = static_cast<int>(a64.size(1));
+  const int64_t bytes = cholesky::panel_smem_bytes(n);
+  allow_smem(psd_cholesky_panel_kernel, bytes);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  psd_cholesky_tile_kernel<M><<<static_cast<unsigned>(a64.size(0)), M::kThreads, bytes, stream>>>(
-      a64.data_ptr<double>(), static_cast<int>(a64.size(1)), tol, F.data_ptr<double>());
+  psd_cholesky_panel_kernel<<<static_cast<unsigned>(a64.size(0)), cholesky::kPanelThreads, static_cast<size_t>(bytes),
+                              stream>>>(a64.data_ptr<double>(), n, tol, F.data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -265,11 +287,8 @@ at::Tensor psd_cholesky_cuda(const at::Tensor& A, double tol) {
   const int n = static_cast<int>(a64.size(1));
   if (batch == 0 || n == 0) return F;
   GG_CHECK(batch < (int64_t(1) << 31), "psd_cholesky: batch too large (", batch, ")");
-  if (use_tile(n)) {
-    if (n <= tile::Matrix64::NP)
-      psd_cholesky_tile_cuda<tile::Matrix64>(a64, tol, F);
-    else
-      psd_cholesky_tile_cuda<tile::Matrix128>(a64, tol, F);
+  if (n <= cholesky::kPanelMaxN) {
+    psd_cholesky_panel_cuda(a64, tol, F);
     return F;
   }
   const int threads = block_threads(n);

@@ -1,5 +1,5 @@
 // A symmetric matrix held in the registers of one CUDA block, for the r x r solvers at
-// 32 < n <= 128 (tridiag_tile.cuh, cholesky_tile.cuh).
+// 32 < n <= 64 (tridiag_tile.cuh).
 //
 // The matrix is zero-padded to NP x NP and spread block-cyclically over a TR x TC grid of threads:
 // thread (r, c) = (tid / TC, tid % TC) owns rows r + TR·a (a < NP/TR) and columns c + TC·b
@@ -53,9 +53,8 @@ struct Matrix {
   }
 };
 
-// The shapes the r x r ops use: n <= 64 and n <= 128.
+// The shape the r x r ops use: n <= 64.
 using Matrix64 = Matrix<64, 16, 16>;
-using Matrix128 = Matrix<128, 32, 16>;
 
 }  // namespace tile
 }  // namespace gradgeom

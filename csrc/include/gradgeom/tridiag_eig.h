@@ -152,6 +152,22 @@ GG_BLOCK_FN int scale(block::PackedLower a, int n, double* work, double* w, int 
   return scale_exp;
 }
 
+// The Householder reflector H = I - tau·v·vᵀ with H·x = beta·e_1 for x = (alpha, x_2, ...) and
+// sigma = Σ_{i>=2} x_i²: v = (x - beta·e_1)·inv, inv = 1/(alpha - beta). For sigma = 0 (x already
+// reduced) tau = inv = 0 and beta = alpha: H = I.
+struct Reflector {
+  double alpha, beta, tau, inv;
+};
+GG_BLOCK_FN Reflector reflector(double alpha, double sigma) {
+  Reflector h{alpha, alpha, 0.0, 0.0};
+  if (sigma > 0.0) {
+    h.beta = -copysign(sqrt(alpha * alpha + sigma), alpha);
+    h.tau = (h.beta - alpha) / h.beta;
+    h.inv = 1.0 / (alpha - h.beta);
+  }
+  return h;
+}
+
 // Step 2: reduces the scaled matrix to tridiagonal form: d, e and e2 = e² in the workspace.
 template <typename Sync>
 GG_BLOCK_FN void tridiagonalize(block::PackedLower a, int n, double* work, int tid, int nthreads, Sync sync) {
@@ -171,13 +187,8 @@ GG_BLOCK_FN void tridiagonalize(block::PackedLower a, int n, double* work, int t
     double* xnext = (k & 1) ? col0 : col1;
     double sigma = 0.0;
     for (int q = 0; q < nwarps; ++q) sigma += sig_part[q];
-    const double alpha = xk[k + 1];
-    double beta = alpha, tau = 0.0, inv = 0.0;
-    if (sigma > 0.0) {
-      beta = -copysign(sqrt(alpha * alpha + sigma), alpha);
-      tau = (beta - alpha) / beta;
-      inv = 1.0 / (alpha - beta);
-    }
+    const Reflector h = reflector(xk[k + 1], sigma);
+    const double beta = h.beta, tau = h.tau, inv = h.inv;
     if (tid == 0) {
       d[k] = a.row(k)[k];
       e[k] = beta;
