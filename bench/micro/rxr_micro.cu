@@ -1,11 +1,10 @@
 // Micro-benchmark of the one-block-per-matrix r x r kernels (no torch, builds in seconds): times
 // the packed kernels (tridiag::eigvalsh, its phases: scale + Householder, bisection with 1, 2 or
-// 4 shifts per thread; cholesky::factor) at 128 and 256 threads, and for 32 < n <= 128 the
-// register-tile kernels that ship there for n <= 64 (tridiag_tile.cuh + the bisection launch), the
-// thread-per-row Householder kernel that ships for 64 < n <= 128 (tridiag_rows.cuh), and the
-// blocked Cholesky that ships for n <= 128 (cholesky_panel.cuh)
-// against them: eigenvalue differences, whether F is the same bit for bit, the bisection at
-// 128/256/512 threads, and per-phase cycle counts of one Householder / Cholesky step (ClockProbe).
+// 4 shifts per thread; cholesky::factor) at 128 and 256 threads, and against them the kernels
+// that ship for n <= 128: the blocked Cholesky (cholesky_panel.cuh: whether F is the same bit
+// for bit), the register-tile Householder for 32 < n <= 64 (tridiag_tile.cuh + the bisection
+// launch, at 128/256/512 threads, and per-phase cycle counts of one step via ClockProbe) and the
+// rows Householder for 32 < n <= 128 (tridiag_rows.cuh): times and eigenvalue differences.
 //
 //   nvcc -O3 -std=c++17 -arch=sm_90 --expt-relaxed-constexpr -Icsrc/include bench/micro/rxr_micro.cu -o build/rxr_micro
 //   build/rxr_micro [batch] [n]

@@ -1,8 +1,8 @@
 // The batched r x r ops on CUDA, one block per matrix, fp64, lower triangle read.
 // - sym_eigh without vectors: Householder tridiagonalisation + bisection (tridiag_eig.h).
 //   For 32 < n <= 64 the matrix lives in registers (tridiag_tile.cuh, 256 threads), for
-//   64 < n <= 128 packed in shared memory with a thread per row (tridiag_rows.cuh, two matrices
-//   per SM), and the bisection runs in a second launch on the tridiagonal matrices, where two
+//   64 < n <= 128 packed in shared memory with two threads per row (tridiag_rows.cuh, two
+//   matrices per SM), and the bisection runs in a second launch on the tridiagonal matrices, where two
 //   matrices share an SM. Otherwise one kernel works on the packed lower triangle, two barriers
 //   per Householder step; shared memory holds the workspace and as many trailing rows of the
 //   packed matrix as fit (all of it up to n = 232 on an H100); the leading rows of larger
@@ -97,7 +97,7 @@ __global__ void __launch_bounds__(kMaxThreads, 2)
 }
 
 // The Householder reduction for 33 <= n <= 64 on a register tile (tile_matrix.cuh, tile::Matrix64),
-// for 64 < n <= 128 on the packed triangle with a thread per row (tridiag_rows.cuh); the bisection
+// for 64 < n <= 128 on the packed triangle with two threads per row (tridiag_rows.cuh); the bisection
 // runs in a second launch for both.
 bool use_tile(int64_t n) { return n >= 33 && n <= tile::Matrix64::NP; }
 bool use_rows(int64_t n) { return n > tile::Matrix64::NP && n <= tridiag::kRowsMaxN; }
