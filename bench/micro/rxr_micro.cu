@@ -166,6 +166,20 @@ static double trace_error(const std::vector<double>& w, const std::vector<double
   return worst;
 }
 
+// Largest |w - w_ref| / max |w_ref| over each matrix of the batch (+Inf for a NaN).
+static double max_relative_diff(const std::vector<double>& w, const std::vector<double>& w_ref, int batch, int n) {
+  double worst = 0;
+  for (int b = 0; b < batch; ++b) {
+    double big = 0;
+    for (int i = 0; i < n; ++i) big = std::max(big, std::fabs(w_ref[size_t(b) * n + i]));
+    for (int i = 0; i < n; ++i) {
+      const double e = std::fabs(w[size_t(b) * n + i] - w_ref[size_t(b) * n + i]) / big;
+      worst = std::isnan(e) ? INFINITY : std::max(worst, e);
+    }
+  }
+  return worst;
+}
+
 // ---- register-tile kernels (tile_matrix.cuh) ---------------------------------------------------
 template <class M>
 __global__ void __launch_bounds__(M::kThreads, M::kMinBlocks) house_tile(const double* in, int n, double* tri, int* scale, double* w) {
@@ -263,15 +277,7 @@ static void tile_case(const double* in, double* w, double* F, int batch, int n, 
     tri_bisect<256><<<batch, 256, bsmem>>>(tri, scale, n, w);
   });
   CK(cudaMemcpy(got.data(), w, got.size() * 8, cudaMemcpyDeviceToHost));
-  double werr = 0;
-  for (int b = 0; b < batch; ++b) {
-    double big = 0;
-    for (int i = 0; i < n; ++i) big = std::max(big, std::fabs(w_ref[size_t(b) * n + i]));
-    for (int i = 0; i < n; ++i) {
-      const double e = std::fabs(got[size_t(b) * n + i] - w_ref[size_t(b) * n + i]) / big;
-      werr = std::isnan(e) ? INFINITY : std::max(werr, e);
-    }
-  }
+  const double werr = max_relative_diff(got, w_ref, batch, n);
   const float th = time_ms([&] { house_tile<M><<<batch, M::kThreads, esmem>>>(in, n, tri, scale, w); });
   for (int bt : {128, 256, 512}) {
     const size_t bs = tridiag::workspace_doubles(n) * 8 + tridiag::grid_points(n, bt) * 4;
@@ -302,28 +308,17 @@ static void rows_case(const double* in, double* w, int batch, int n, const std::
   int* scale;
   CK(cudaMalloc(&tri, size_t(batch) * 3 * n * 8));
   CK(cudaMalloc(&scale, size_t(batch) * 4));
-  {
-    const int rsmem = int(tridiag::rows_smem_bytes(n));
-    CK(cudaFuncSetAttribute(house_rows, cudaFuncAttributeMaxDynamicSharedMemorySize, rsmem));
-    const float trh = time_ms([&] { house_rows<<<batch, tridiag::kRowsThreads, rsmem>>>(in, n, tri, scale, w); });
-    const float tre = time_ms([&] {
-      house_rows<<<batch, tridiag::kRowsThreads, rsmem>>>(in, n, tri, scale, w);
-      tri_bisect<256><<<batch, 256, bsmem>>>(tri, scale, n, w);
-    });
-    std::vector<double> wr(size_t(batch) * n);
-    CK(cudaMemcpy(wr.data(), w, wr.size() * 8, cudaMemcpyDeviceToHost));
-    double rerr = 0;
-    for (int b = 0; b < batch; ++b) {
-      double big = 0;
-      for (int i = 0; i < n; ++i) big = std::max(big, std::fabs(w_ref[size_t(b) * n + i]));
-      for (int i = 0; i < n; ++i) {
-        const double e = std::fabs(wr[size_t(b) * n + i] - w_ref[size_t(b) * n + i]) / big;
-        rerr = std::isnan(e) ? INFINITY : std::max(rerr, e);
-      }
-    }
-    std::printf("n=%4d ROWS eigvalsh %8.1f us (householder %8.1f, trace err %.1e, max |w-w_old|/|w|max %.1e, smem %d B)\n", n,
-                tre * 1e3, trh * 1e3, trace_error(wr, h, batch, n), rerr, rsmem);
-  }
+  const int rsmem = int(tridiag::rows_smem_bytes(n));
+  CK(cudaFuncSetAttribute(house_rows, cudaFuncAttributeMaxDynamicSharedMemorySize, rsmem));
+  const float trh = time_ms([&] { house_rows<<<batch, tridiag::kRowsThreads, rsmem>>>(in, n, tri, scale, w); });
+  const float tre = time_ms([&] {
+    house_rows<<<batch, tridiag::kRowsThreads, rsmem>>>(in, n, tri, scale, w);
+    tri_bisect<256><<<batch, 256, bsmem>>>(tri, scale, n, w);
+  });
+  std::vector<double> wr(size_t(batch) * n);
+  CK(cudaMemcpy(wr.data(), w, wr.size() * 8, cudaMemcpyDeviceToHost));
+  std::printf("n=%4d ROWS eigvalsh %8.1f us (householder %8.1f, trace err %.1e, max |w-w_old|/|w|max %.1e, smem %d B)\n", n,
+              tre * 1e3, trh * 1e3, trace_error(wr, h, batch, n), max_relative_diff(wr, w_ref, batch, n), rsmem);
   CK(cudaFree(tri));
   CK(cudaFree(scale));
 }
