@@ -189,7 +189,8 @@ __global__ void __launch_bounds__(M::kThreads, M::kMinBlocks) house_tile(const d
   tridiag::tridiag_tile(A, n, smem, tri + blockIdx.x * 3 * int64_t(n), scale + blockIdx.x, w + blockIdx.x * n, threadIdx.x);
 }
 
-// Bisection of the tile kernel's tridiagonal matrices (the shipping kernel's second launch).
+// Bisection of the tile and rows kernels' tridiagonal matrices (the shipping second launch runs 128
+// threads).
 template <int kThreads>
 __global__ void __launch_bounds__(kThreads, kThreads <= 256 ? 2 : 1) tri_bisect(const double* tri, const int* scale, int n, double* w) {
   extern __shared__ double smem[];
@@ -274,7 +275,7 @@ static void tile_case(const double* in, double* w, double* F, int batch, int n, 
   CK(cudaMalloc(&scale, size_t(batch) * 4));
   const float te = time_ms([&] {
     house_tile<M><<<batch, M::kThreads, esmem>>>(in, n, tri, scale, w);
-    tri_bisect<256><<<batch, 256, bsmem>>>(tri, scale, n, w);
+    tri_bisect<128><<<batch, 128, bsmem>>>(tri, scale, n, w);
   });
   CK(cudaMemcpy(got.data(), w, got.size() * 8, cudaMemcpyDeviceToHost));
   const double werr = max_relative_diff(got, w_ref, batch, n);
@@ -290,7 +291,7 @@ static void tile_case(const double* in, double* w, double* F, int batch, int n, 
     CK(cudaMemcpy(wb.data(), w, wb.size() * 8, cudaMemcpyDeviceToHost));
     double diff = 0;
     for (size_t i = 0; i < wb.size(); ++i) diff = std::max(diff, std::fabs(wb[i] - got[i]));
-    std::printf("n=%4d tile bisection %3d threads %8.1f us (max diff vs 256: %.1e)\n", n, bt, tb * 1e3, diff);
+    std::printf("n=%4d tile bisection %3d threads %8.1f us (max diff vs 128: %.1e)\n", n, bt, tb * 1e3, diff);
   }
   CK(cudaFree(tri));
   CK(cudaFree(scale));
@@ -313,7 +314,7 @@ static void rows_case(const double* in, double* w, int batch, int n, const std::
   const float trh = time_ms([&] { house_rows<<<batch, tridiag::kRowsThreads, rsmem>>>(in, n, tri, scale, w); });
   const float tre = time_ms([&] {
     house_rows<<<batch, tridiag::kRowsThreads, rsmem>>>(in, n, tri, scale, w);
-    tri_bisect<256><<<batch, 256, bsmem>>>(tri, scale, n, w);
+    tri_bisect<128><<<batch, 128, bsmem>>>(tri, scale, n, w);
   });
   std::vector<double> wr(size_t(batch) * n);
   CK(cudaMemcpy(wr.data(), w, wr.size() * 8, cudaMemcpyDeviceToHost));

@@ -14,9 +14,9 @@
 //    interval is below max(ulp·‖T‖, pivmin, 2ulp·|λ|)). A count is the number of sign changes in
 //    the leading principal minors p_i = det(T[:i+1, :i+1] - x), from the three-term recurrence
 //    p_i = (d_i - x)·p_{i-1} - e_{i-1}²·p_{i-2} (no division on the dependent path), both minors
-//    rescaled by a power of two every second step; a zero minor takes the sign opposite to the
-//    previous one, with magnitude 2^-100 of it (dstebz's pivmin substitution, as a perturbation
-//    far below ulp·‖T‖). Each thread evaluates kPoints shifts at once. One pass of
+//    rescaled by a power of two every fourth step; e² is first raised to at least 2^-200 (like
+//    dstebz's pivmin, a perturbation far below ulp·‖T‖), which leaves no zero minor to special-
+//    case (see kMinE2). Each thread evaluates kPoints shifts at once. One pass of
 //    max(n, kPoints·nthreads) counts at evenly spaced points gives each index its start interval;
 //    then groups of g lanes (g <= 4 with g·n <= nthreads) refine one index each, g·kPoints points
 //    per round. No barriers; every loop is bounded.
@@ -55,37 +55,40 @@ GG_BLOCK_FN double inverse_power_of_two(double x) {
   return f;
 }
 
-GG_BLOCK_FN int sign_bit(double x) {
-  uint64_t bits;
-  memcpy(&bits, &x, sizeof bits);
-  return static_cast<int>(bits >> 63);
+// 1 if a and b have different sign bits, else 0.
+GG_BLOCK_FN int sign_change(double a, double b) {
+  uint64_t ba, bb;
+  memcpy(&ba, &a, sizeof ba);
+  memcpy(&bb, &b, sizeof bb);
+  return static_cast<int>((ba ^ bb) >> 63);
 }
 
-// counts[u] = number of eigenvalues of T (diagonal d, squared off-diagonal e2) that are <= x[u],
-// for K shifts at once (see the file comment).
+// Lower bound bisect() puts on the squared off-diagonal entries of the scaled T (||T|| >= 1/2):
+// it moves no eigenvalue by more than 2^-100, and with it the leading minors can neither vanish
+// twice in a row nor shrink below 2^-900 of their size four steps earlier (n <= 2^20), so
+// sturm_counts needs no zero test and rescales every fourth step.
+constexpr double kMinE2 = 0x1p-200;
+
+// counts[u] = number of eigenvalues of T (diagonal d, squared off-diagonal e2 >= kMinE2) below
+// x[u], for K shifts at once (see the file comment). A minor that is exactly zero counts as
+// positive: with e2 > 0 its neighbours have opposite signs, so it adds one sign change either way.
 template <int K>
 GG_BLOCK_FN void sturm_counts(const double* d, const double* e2, int n, const double* x, int* counts) {
   double pm[K], p[K];
-  int neg[K];
   for (int u = 0; u < K; ++u) {
     p[u] = d[0] - x[u];
     pm[u] = 1.0;
-    neg[u] = p[u] == 0.0 ? 1 : sign_bit(p[u]);
-    if (p[u] == 0.0) p[u] = -0x1p-100;
-    counts[u] = neg[u];
+    counts[u] = sign_change(p[u], 1.0);
   }
   for (int i = 1; i < n; ++i) {
     const double di = d[i], ei = e2[i - 1];
     for (int u = 0; u < K; ++u) {
       const double pn = fma(di - x[u], p[u], -(ei * pm[u]));
-      const bool zero = pn == 0.0;
-      const int s = zero ? 1 - neg[u] : sign_bit(pn);
+      counts[u] += sign_change(pn, p[u]);
       pm[u] = p[u];
-      p[u] = zero ? (neg[u] ? 0x1p-100 : -0x1p-100) * fabs(pm[u]) : pn;
-      counts[u] += s ^ neg[u];
-      neg[u] = s;
+      p[u] = pn;
     }
-    if (i & 1) {
+    if ((i & 3) == 0) {
       for (int u = 0; u < K; ++u) {
         const double f = inverse_power_of_two(fmax(fabs(p[u]), fabs(pm[u])));
         p[u] *= f;
@@ -276,6 +279,9 @@ GG_BLOCK_FN void bisect(int n, double* work, int* iwork, double* w, int scale_ex
   lower -= pad;
   upper += pad;
   const double abstol = fmax(ulp * tnorm, pivmin);
+  sync();  // every thread has read e2 for the bounds
+  for (int i = tid; i + 1 < n; i += nthreads) e2[i] = fmax(e2[i], kMinE2);
+  sync();
 
   const int grid = n > K * nthreads ? n : K * nthreads;
   const double inv_grid = 1.0 / static_cast<double>(grid + 1);
