@@ -38,5 +38,18 @@ __device__ double load_packed_lower(const double* src, int n, double* A, int tid
   return amax;
 }
 
+// load_packed_lower, then the largest |entry| over the whole block (+Inf for a non-finite one), the
+// same on every thread. Contains a __syncthreads; warp_part: NT / 32 doubles of shared memory.
+template <int NT>
+__device__ double load_packed_lower_max(const double* src, int n, double* A, double* warp_part, int tid) {
+  double amax = load_packed_lower<NT>(src, n, A, tid);
+  for (int off = 16; off > 0; off >>= 1) amax = fmax(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+  if ((tid & 31) == 0) warp_part[tid >> 5] = amax;
+  __syncthreads();
+  amax = 0.0;
+  for (int q = 0; q < NT / 32; ++q) amax = fmax(amax, warp_part[q]);
+  return amax;
+}
+
 }  // namespace block
 }  // namespace gradgeom

@@ -18,7 +18,6 @@
 
 #include <cmath>
 #include <cstdint>
-#include <limits>
 
 #include "gradgeom/packed_load.cuh"
 #include "gradgeom/tridiag_eig.h"
@@ -56,19 +55,8 @@ __device__ void tridiag_rows(const double* src, int n, double* smem, double* tri
   double* amax_part = dot_part + NW;            // [NW]
 
   // The lower triangle and its largest |entry| (+Inf for a non-finite one).
-  double amax = block::load_packed_lower<kRowsThreads>(src, n, A, tid);
-  for (int off = 16; off > 0; off >>= 1) amax = fmax(amax, __shfl_xor_sync(0xffffffffu, amax, off));
-  if (lane == 0) amax_part[warp] = amax;
-  __syncthreads();
-  amax = 0.0;
-  for (int q = 0; q < NW; ++q) amax = fmax(amax, amax_part[q]);
-  if (!(amax < INFINITY) || amax == 0.0 || n == 1) {
-    if (n == 1 && amax < INFINITY) {
-      if (tid == 0) w[0] = A[0];
-    } else {
-      const double fill = amax < INFINITY ? 0.0 : std::numeric_limits<double>::quiet_NaN();
-      for (int j = tid; j < n; j += kRowsThreads) w[j] = fill;
-    }
+  const double amax = block::load_packed_lower_max<kRowsThreads>(src, n, A, amax_part, tid);
+  if (trivial_eigenvalues(amax, n, A[0], w, tid, kRowsThreads)) {
     if (tid == 0) *scale = kDone;
     return;
   }

@@ -21,7 +21,6 @@
 
 #include <cmath>
 #include <cstdint>
-#include <limits>
 
 #include "gradgeom/block_ops.h"
 #include "gradgeom/tile_matrix.cuh"
@@ -92,15 +91,8 @@ __device__ int scale_tile(M& A, int n, TileWork<M> ws, double* w, int tid) {
   __syncthreads();
   amax = 0.0;
   for (int q = 0; q < kWarps; ++q) amax = fmax(amax, dot_part[q]);
-  if (!(amax < INFINITY) || amax == 0.0 || n == 1) {
-    if (n == 1 && amax < INFINITY) {
-      if (tid == 0) w[0] = A.x[0][0];  // thread 0 owns entry (0, 0)
-    } else {
-      const double fill = amax < INFINITY ? 0.0 : std::numeric_limits<double>::quiet_NaN();
-      for (int j = tid; j < n; j += M::kThreads) w[j] = fill;
-    }
-    return kDone;
-  }
+  // Entry (0, 0) is thread 0's x[0][0], the one thread that writes w[0].
+  if (trivial_eigenvalues(amax, n, A.x[0][0], w, tid, M::kThreads)) return kDone;
   int scale_exp = 0;
   frexp(amax, &scale_exp);
   double acc = 0.0;
