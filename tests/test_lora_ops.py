@@ -295,7 +295,8 @@ def eig_batch(n, device):
     return A.to(device)
 
 
-@pytest.mark.parametrize("n", [0, 1, 2, 3, 16, 33, 64, 65, 100, 127, 128, 129, 256])
+# 64 / 65, 96 / 97 and 128 / 129: where the CUDA kernels hand over (tile, rows, regs, packed).
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 16, 33, 64, 65, 96, 97, 100, 127, 128, 129, 256])
 def test_sym_eigvals_awkward_spectra(device, n):
     A = eig_batch(n, device)
     w, V = lora_ops.sym_eigh(A, vectors=False)
@@ -304,7 +305,7 @@ def test_sym_eigvals_awkward_spectra(device, n):
     assert torch.equal(lora_ops.sym_eigh(A, vectors=False)[0], w)  # same input, same bits
 
 
-@pytest.mark.parametrize("n", [2, 7, 64, 128])
+@pytest.mark.parametrize("n", [2, 7, 64, 96, 128])
 def test_sym_eigvals_zero_minors_and_wide_range(device, n):
     """Sturm counts by the three-term recurrence: exact zero minors (zeros on the diagonal, zero
     off-diagonals, repeated entries) and entries spanning 1e-300 .. 1 in one matrix."""
@@ -321,7 +322,7 @@ def test_sym_eigvals_zero_minors_and_wide_range(device, n):
     check_eigvals(A, w)
 
 
-@pytest.mark.parametrize("n", [1, 2, 5, 40, 100])
+@pytest.mark.parametrize("n", [1, 2, 5, 40, 96, 100, 128])
 def test_sym_eigvals_zero_and_non_finite(device, n):
     X = torch.randn(5, n, n, dtype=torch.float64, device=device)
     A = X + X.mT

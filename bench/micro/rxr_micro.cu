@@ -4,7 +4,9 @@
 // that ship for n <= 128: the blocked Cholesky (cholesky_panel.cuh: whether F is the same bit
 // for bit), the register-tile Householder for 32 < n <= 64 (tridiag_tile.cuh + the bisection
 // launch, at 128/256/512 threads, and per-phase cycle counts of one step via ClockProbe) and the
-// rows Householder for 32 < n <= 128 (tridiag_rows.cuh): times and eigenvalue differences.
+// rows Householder for 64 < n <= 128 (tridiag_rows.cuh, shipping up to n = 96) and the register
+// Householder for 64 < n <= 128 (tridiag_regs.cuh, shipping from n = 97): times and eigenvalue
+// differences.
 //
 //   nvcc -O3 -std=c++17 -arch=sm_90 --expt-relaxed-constexpr -Icsrc/include bench/micro/rxr_micro.cu -o build/rxr_micro
 //   build/rxr_micro [batch] [n]
@@ -20,6 +22,7 @@
 #include "gradgeom/cholesky_panel.cuh"
 #include "gradgeom/psd_cholesky.h"
 #include "gradgeom/tridiag_eig.h"
+#include "gradgeom/tridiag_regs.cuh"
 #include "gradgeom/tridiag_rows.cuh"
 #include "gradgeom/tridiag_tile.cuh"
 
@@ -98,6 +101,12 @@ __global__ void __launch_bounds__(cholesky::kPanelThreads, 2) chol_panel(const d
 __global__ void __launch_bounds__(tridiag::kRowsThreads, 2) house_rows(const double* in, int n, double* tri, int* scale, double* w) {
   extern __shared__ double smem[];
   tridiag::tridiag_rows(in + blockIdx.x * int64_t(n) * n, n, smem, tri + blockIdx.x * 3 * int64_t(n), scale + blockIdx.x,
+                        w + blockIdx.x * n);
+}
+
+__global__ void __launch_bounds__(tridiag::kRegsThreads, 1) house_regs(const double* in, int n, double* tri, int* scale, double* w) {
+  extern __shared__ __align__(16) double smem[];
+  tridiag::tridiag_regs(in + blockIdx.x * int64_t(n) * n, n, smem, tri + blockIdx.x * 3 * int64_t(n), scale + blockIdx.x,
                         w + blockIdx.x * n);
 }
 
@@ -300,8 +309,9 @@ static void tile_case(const double* in, double* w, double* F, int batch, int n, 
               n, M::NP, M::kThreads, te * 1e3, th * 1e3, trace_error(got, h, batch, n), werr);
 }
 
-// The thread-per-row Householder kernel that ships for 64 < n <= 128 (tridiag_rows.cuh) and its
-// bisection launch, against the packed kernel's eigenvalues w_ref.
+// The two-threads-per-row Householder kernel (tridiag_rows.cuh; ships for 64 < n <= 96) and the
+// register one (tridiag_regs.cuh; ships for 96 < n <= 128), each with the bisection launch,
+// against the packed kernel's eigenvalues w_ref.
 static void rows_case(const double* in, double* w, int batch, int n, const std::vector<double>& h,
                       const std::vector<double>& w_ref) {
   const size_t bsmem = tridiag::workspace_doubles(n) * 8 + tridiag::grid_points(n, 256) * 4;
@@ -320,6 +330,16 @@ static void rows_case(const double* in, double* w, int batch, int n, const std::
   CK(cudaMemcpy(wr.data(), w, wr.size() * 8, cudaMemcpyDeviceToHost));
   std::printf("n=%4d ROWS eigvalsh %8.1f us (householder %8.1f, trace err %.1e, max |w-w_old|/|w|max %.1e, smem %d B)\n", n,
               tre * 1e3, trh * 1e3, trace_error(wr, h, batch, n), max_relative_diff(wr, w_ref, batch, n), rsmem);
+  const int gsmem = int(tridiag::regs_smem_bytes(n));
+  CK(cudaFuncSetAttribute(house_regs, cudaFuncAttributeMaxDynamicSharedMemorySize, gsmem));
+  const float tgh = time_ms([&] { house_regs<<<batch, tridiag::kRegsThreads, gsmem>>>(in, n, tri, scale, w); });
+  const float tge = time_ms([&] {
+    house_regs<<<batch, tridiag::kRegsThreads, gsmem>>>(in, n, tri, scale, w);
+    tri_bisect<128><<<batch, 128, bsmem>>>(tri, scale, n, w);
+  });
+  CK(cudaMemcpy(wr.data(), w, wr.size() * 8, cudaMemcpyDeviceToHost));
+  std::printf("n=%4d REGS eigvalsh %8.1f us (householder %8.1f, trace err %.1e, max |w-w_old|/|w|max %.1e, smem %d B)\n", n,
+              tge * 1e3, tgh * 1e3, trace_error(wr, h, batch, n), max_relative_diff(wr, w_ref, batch, n), gsmem);
   CK(cudaFree(tri));
   CK(cudaFree(scale));
 }
@@ -331,7 +351,7 @@ int main(int argc, char** argv) {
   setvbuf(stdout, nullptr, _IONBF, 0);
   std::printf("# %s, %d SMs, batch %d\n", prop.name, prop.multiProcessorCount, batch);
   const int only_n = argc > 2 ? std::atoi(argv[2]) : 0;
-  for (int n : {16, 32, 33, 48, 64, 100, 127, 128}) {
+  for (int n : {16, 32, 33, 48, 64, 65, 96, 97, 100, 127, 128}) {
     if (only_n && n != only_n) continue;
     std::vector<double> h = make_batch(batch, n);
     double *in, *w, *F;
@@ -383,7 +403,7 @@ int main(int argc, char** argv) {
       tile_case<tile::Matrix64>(in, w, F, batch, n, h, w_ref);
       probe_case<tile::Matrix64>(in, w, F, batch, n);
     }
-    if (n > 32 && n <= 128) rows_case(in, w, batch, n, h, w_ref);
+    if (n > 64 && n <= 128) rows_case(in, w, batch, n, h, w_ref);
     CK(cudaFree(in));
     CK(cudaFree(w));
     CK(cudaFree(F));

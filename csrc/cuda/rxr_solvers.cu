@@ -1,9 +1,10 @@
 // The batched r x r ops on CUDA, one block per matrix, fp64, lower triangle read.
 // - sym_eigh without vectors: Householder tridiagonalisation + bisection (tridiag_eig.h).
 //   For 32 < n <= 64 the matrix lives in registers (tridiag_tile.cuh, 256 threads), for
-//   64 < n <= 128 packed in shared memory with two threads per row (tridiag_rows.cuh, two
-//   matrices per SM), and the bisection runs in a second launch on the tridiagonal matrices, where two
-//   matrices share an SM. Otherwise one kernel works on the packed lower triangle, two barriers
+//   64 < n <= 96 packed in shared memory with two threads per row (tridiag_rows.cuh, two
+//   matrices per SM), for 96 < n <= 128 in registers again, a row chunk per thread
+//   (tridiag_regs.cuh, 512 threads, one matrix per SM); the bisection runs in a second launch on
+//   the tridiagonal matrices, where two matrices share an SM. Otherwise one kernel works on the packed lower triangle, two barriers
 //   per Householder step; shared memory holds the workspace and as many trailing rows of the
 //   packed matrix as fit (all of it up to n = 232 on an H100); the leading rows of larger
 //   matrices live in a global workspace, and they are the first to drop out of the shrinking
@@ -36,6 +37,7 @@
 #include "gradgeom/rxr_check.h"
 #include "gradgeom/tile_matrix.cuh"
 #include "gradgeom/tridiag_eig.h"
+#include "gradgeom/tridiag_regs.cuh"
 #include "gradgeom/tridiag_rows.cuh"
 #include "gradgeom/tridiag_tile.cuh"
 
@@ -97,10 +99,12 @@ __global__ void __launch_bounds__(kMaxThreads, 2)
 }
 
 // The Householder reduction for 33 <= n <= 64 on a register tile (tile_matrix.cuh, tile::Matrix64),
-// for 64 < n <= 128 on the packed triangle with two threads per row (tridiag_rows.cuh); the bisection
-// runs in a second launch for both.
+// for 64 < n <= 96 on the packed triangle with two threads per row (tridiag_rows.cuh), for
+// 96 < n <= 128 with the matrix in registers (tridiag_regs.cuh); the bisection runs in a second
+// launch for all three.
 bool use_tile(int64_t n) { return n >= 33 && n <= tile::Matrix64::NP; }
-bool use_rows(int64_t n) { return n > tile::Matrix64::NP && n <= tridiag::kRowsMaxN; }
+bool use_regs(int64_t n) { return n >= tridiag::kRegsMinN && n <= tridiag::kRegsMaxN; }
+bool use_rows(int64_t n) { return n > tile::Matrix64::NP && n <= tridiag::kRowsMaxN && !use_regs(n); }
 
 template <class M>
 __global__ void __launch_bounds__(M::kThreads, M::kMinBlocks)
@@ -112,6 +116,13 @@ __global__ void __launch_bounds__(M::kThreads, M::kMinBlocks)
   tridiag::tridiag_tile(A, n, smem, tri + b * 3 * int64_t(n), scale + b, w_out + b * n, threadIdx.x);
 }
 
+__global__ void __launch_bounds__(tridiag::kRegsThreads, 1)
+    tridiag_regs_kernel(const double* in, int n, double* tri, int* scale, double* w_out) {
+  extern __shared__ __align__(16) double smem[];  // its vectors are read as double2
+  const int64_t b = blockIdx.x;
+  tridiag::tridiag_regs(in + b * int64_t(n) * n, n, smem, tri + b * 3 * int64_t(n), scale + b, w_out + b * n);
+}
+
 __global__ void __launch_bounds__(tridiag::kRowsThreads, 2)
     tridiag_rows_kernel(const double* in, int n, double* tri, int* scale, double* w_out) {
   extern __shared__ double smem[];
@@ -119,8 +130,7 @@ __global__ void __launch_bounds__(tridiag::kRowsThreads, 2)
   tridiag::tridiag_rows(in + b * int64_t(n) * n, n, smem, tri + b * 3 * int64_t(n), scale + b, w_out + b * n);
 }
 
-// Bisection of the tridiagonal matrices tridiag_tile_kernel and tridiag_rows_kernel leave (d, e,
-// e2 per matrix).
+// Bisection of the tridiagonal matrices the tile, rows and regs kernels leave (d, e, e2 per matrix).
 __global__ void __launch_bounds__(128, 2)
     tridiag_bisect_kernel(const double* tri, const int* scale, int n, double* w_out) {
   extern __shared__ double smem[];
@@ -190,14 +200,15 @@ void eigvalsh_cuda(const at::Tensor& a64, at::Tensor& w) {
     });
     return;
   }
-  if (use_rows(n)) {
+  // A kernel of `threads` threads and `smem` bytes of dynamic shared memory, then the bisection.
+  auto reduce_then_bisect = [&](auto kernel, int threads, int64_t smem) {
+    allow_smem(kernel, smem);
     eigvalsh_two_launches(a64, w, [&](unsigned blocks, int n_, cudaStream_t stream, double* tri, int* scale) {
-      const int64_t smem = tridiag::rows_smem_bytes(n_);
-      allow_smem(tridiag_rows_kernel, smem);
-      tridiag_rows_kernel<<<blocks, tridiag::kRowsThreads, static_cast<size_t>(smem), stream>>>(in, n_, tri, scale, w_out);
+      kernel<<<blocks, threads, static_cast<size_t>(smem), stream>>>(in, n_, tri, scale, w_out);
     });
-    return;
-  }
+  };
+  if (use_regs(n)) return reduce_then_bisect(tridiag_regs_kernel, tridiag::kRegsThreads, tridiag::regs_smem_bytes(n));
+  if (use_rows(n)) return reduce_then_bisect(tridiag_rows_kernel, tridiag::kRowsThreads, tridiag::rows_smem_bytes(n));
   const int threads = block_threads(n);
   constexpr int64_t kDouble = sizeof(double);
   const int64_t fixed = tridiag::workspace_doubles(n) * kDouble + tridiag::grid_points(n, threads) * int64_t(sizeof(int));
