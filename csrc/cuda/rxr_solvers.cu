@@ -4,11 +4,11 @@
 //   64 < n <= 96 packed in shared memory with two threads per row (tridiag_rows.cuh, two
 //   matrices per SM), for 96 < n <= 128 in registers again, a row chunk per thread
 //   (tridiag_regs.cuh, 512 threads, one matrix per SM); the bisection runs in a second launch on
-//   the tridiagonal matrices, where two matrices share an SM. Otherwise one kernel works on the packed lower triangle, two barriers
-//   per Householder step; shared memory holds the workspace and as many trailing rows of the
-//   packed matrix as fit (all of it up to n = 232 on an H100); the leading rows of larger
-//   matrices live in a global workspace, and they are the first to drop out of the shrinking
-//   trailing matrix.
+//   the tridiagonal matrices, where two matrices share an SM. Otherwise one kernel works on the
+//   packed lower triangle, two barriers per Householder step; shared memory holds the workspace
+//   and as many trailing rows of the packed matrix as fit (all of it up to n = 232 on an H100);
+//   the leading rows of larger matrices live in a global workspace, and they are the first to
+//   drop out of the shrinking trailing matrix.
 // - sym_eigh with vectors: the parallel cyclic Jacobi solver of jacobi.h. The matrix and the
 //   eigenvectors live in shared memory when they fit the block's opt-in limit (n <= 64 on an
 //   H100), else in a global workspace that stays L2-resident.

@@ -1,5 +1,6 @@
 // Loading a matrix's lower triangle into a packed triangle in shared memory, for the
-// one-block-per-matrix kernels that keep it there (cholesky_panel.cuh, tridiag_rows.cuh).
+// one-block-per-matrix kernels that read it there (cholesky_panel.cuh, tridiag_rows.cuh,
+// tridiag_regs.cuh).
 #pragma once
 
 #include <cmath>
