@@ -102,9 +102,11 @@ __global__ void __launch_bounds__(kMaxThreads, 2)
 // for 64 < n <= 96 on the packed triangle with two threads per row (tridiag_rows.cuh), for
 // 96 < n <= 128 with the matrix in registers (tridiag_regs.cuh); the bisection runs in a second
 // launch for all three.
+static_assert(tile::Matrix64::NP < tridiag::kRegsMinN && tridiag::kRegsMinN - 1 <= tridiag::kRowsMaxN,
+              "the rows kernel covers every n between the tile and register kernels");
 bool use_tile(int64_t n) { return n >= 33 && n <= tile::Matrix64::NP; }
+bool use_rows(int64_t n) { return n > tile::Matrix64::NP && n < tridiag::kRegsMinN; }
 bool use_regs(int64_t n) { return n >= tridiag::kRegsMinN && n <= tridiag::kRegsMaxN; }
-bool use_rows(int64_t n) { return n > tile::Matrix64::NP && n <= tridiag::kRowsMaxN && !use_regs(n); }
 
 template <class M>
 __global__ void __launch_bounds__(M::kThreads, M::kMinBlocks)
@@ -169,15 +171,18 @@ void allow_smem(Kernel kernel, int64_t bytes) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
 }
 
-// The reduction to tridiagonal form (`reduce` launches it into tri and scale), then the bisection.
-template <typename Reduce>
-void eigvalsh_two_launches(const at::Tensor& a64, at::Tensor& w, Reduce reduce) {
+// The reduction to tridiagonal form by `kernel` (threads, smem bytes; it writes tri and scale),
+// then the bisection.
+template <typename Kernel>
+void eigvalsh_two_launches(const at::Tensor& a64, at::Tensor& w, Kernel kernel, int threads, int64_t smem) {
   const int64_t batch = a64.size(0);
   const int n = static_cast<int>(a64.size(1));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor tri = at::empty({batch, 3 * n}, a64.options());
   at::Tensor scale = at::empty({batch}, a64.options().dtype(at::kInt));
-  reduce(static_cast<unsigned>(batch), n, stream, tri.data_ptr<double>(), scale.data_ptr<int>());
+  allow_smem(kernel, smem);
+  kernel<<<static_cast<unsigned>(batch), threads, static_cast<size_t>(smem), stream>>>(
+      a64.data_ptr<double>(), n, tri.data_ptr<double>(), scale.data_ptr<int>(), w.data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   constexpr int kBisectThreads = 128;  // one lane per eigenvalue at n = 128: 147 against 155 us for 256 (H100)
   const int64_t bisect_smem = tridiag::workspace_doubles(n) * int64_t(sizeof(double)) +
@@ -190,25 +195,15 @@ void eigvalsh_two_launches(const at::Tensor& a64, at::Tensor& w, Reduce reduce) 
 void eigvalsh_cuda(const at::Tensor& a64, at::Tensor& w) {
   const int64_t batch = a64.size(0);
   const int n = static_cast<int>(a64.size(1));
-  const double* in = a64.data_ptr<double>();
-  double* w_out = w.data_ptr<double>();
   if (use_tile(n)) {
     using M = tile::Matrix64;
-    eigvalsh_two_launches(a64, w, [&](unsigned blocks, int n_, cudaStream_t stream, double* tri, int* scale) {
-      constexpr int64_t smem = tridiag::tile_workspace_doubles<M>() * int64_t(sizeof(double));
-      tridiag_tile_kernel<M><<<blocks, M::kThreads, smem, stream>>>(in, n_, tri, scale, w_out);
-    });
-    return;
+    return eigvalsh_two_launches(a64, w, tridiag_tile_kernel<M>, M::kThreads,
+                                 tridiag::tile_workspace_doubles<M>() * int64_t(sizeof(double)));
   }
-  // A kernel of `threads` threads and `smem` bytes of dynamic shared memory, then the bisection.
-  auto reduce_then_bisect = [&](auto kernel, int threads, int64_t smem) {
-    allow_smem(kernel, smem);
-    eigvalsh_two_launches(a64, w, [&](unsigned blocks, int n_, cudaStream_t stream, double* tri, int* scale) {
-      kernel<<<blocks, threads, static_cast<size_t>(smem), stream>>>(in, n_, tri, scale, w_out);
-    });
-  };
-  if (use_regs(n)) return reduce_then_bisect(tridiag_regs_kernel, tridiag::kRegsThreads, tridiag::regs_smem_bytes(n));
-  if (use_rows(n)) return reduce_then_bisect(tridiag_rows_kernel, tridiag::kRowsThreads, tridiag::rows_smem_bytes(n));
+  if (use_rows(n))
+    return eigvalsh_two_launches(a64, w, tridiag_rows_kernel, tridiag::kRowsThreads, tridiag::rows_smem_bytes(n));
+  if (use_regs(n))
+    return eigvalsh_two_launches(a64, w, tridiag_regs_kernel, tridiag::kRegsThreads, tridiag::regs_smem_bytes(n));
   const int threads = block_threads(n);
   constexpr int64_t kDouble = sizeof(double);
   const int64_t fixed = tridiag::workspace_doubles(n) * kDouble + tridiag::grid_points(n, threads) * int64_t(sizeof(int));

@@ -43,13 +43,9 @@ constexpr int kPanelMaxN = 128;
 constexpr int kPanel = 16;            // columns per panel
 constexpr int kPanelLd = kPanel + 2;  // row stride of the panel's columns (16-byte rows)
 
-// Doubles of the packed triangle, rounded up so that the panel's rows that follow it are
-// 16-byte aligned (they are read as double2).
-__host__ __device__ constexpr int64_t panel_packed_doubles(int n) { return (int64_t(n) * (n + 1) / 2 + 1) & ~int64_t(1); }
-
 // Shared memory factor_panel needs, in bytes: two blocks per SM up to n = 128 on an H100.
 __host__ __device__ constexpr int64_t panel_smem_bytes(int n) {
-  return (panel_packed_doubles(n) + int64_t(n) * kPanelLd + n + 2 * (kPanelThreads / 32)) * int64_t(sizeof(double)) +
+  return (block::packed_doubles_even(n) + int64_t(n) * kPanelLd + n + 2 * (kPanelThreads / 32)) * int64_t(sizeof(double)) +
          (int64_t(n) + 4 * (kPanelThreads / 32)) * int64_t(sizeof(int));
 }
 
@@ -74,7 +70,7 @@ __device__ void factor_panel(const double* src, int n, double tol, double* F, do
   constexpr int NW = kPanelThreads / 32;
   const int t = threadIdx.x, lane = t & 31, warp = t >> 5;
   double* A = smem;                                // packed lower triangle, positions in pivot order
-  double* L = A + panel_packed_doubles(n);          // [n][kPanelLd]: the panel's columns
+  double* L = A + block::packed_doubles_even(n);  // [n][kPanelLd]: the panel's columns
   double* pub_dg = L + int64_t(n) * kPanelLd;      // [n]: the diagonal, published each step
   double* cand_value = pub_dg + n;                 // [2][NW]
   int* pub_perm = reinterpret_cast<int*>(cand_value + 2 * NW);  // [n]
@@ -89,7 +85,7 @@ __device__ void factor_panel(const double* src, int n, double tol, double* F, do
   {
     const bool bad = mine && !((dg - dg) == 0.0);  // NaN or ±Inf
     double m = dg;
-    for (int off = 16; off > 0; off >>= 1) m = fmax(m, __shfl_xor_sync(0xffffffffu, m, off));
+    m = block::warp_max(m, 32);
     const bool any_bad = __any_sync(0xffffffffu, bad);
     if (lane == 0) {
       cand_value[warp] = m;

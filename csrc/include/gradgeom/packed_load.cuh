@@ -6,11 +6,17 @@
 #include <cmath>
 #include <cstdint>
 
+#include "gradgeom/block_ops.h"
+
 namespace gradgeom {
 namespace block {
 
 // Entry (t, k), k <= t, of a packed lower triangle (row-major; n <= 1024 keeps it in an int).
 __host__ __device__ __forceinline__ int packed_at(int t, int k) { return t * (t + 1) / 2 + k; }
+
+// Doubles of an n x n packed triangle, rounded up to even so that buffers placed after it stay
+// 16-byte aligned (the kernels read them as double2).
+__host__ __device__ constexpr int64_t packed_doubles_even(int n) { return (int64_t(n) * (n + 1) / 2 + 1) & ~int64_t(1); }
 
 // Copies the lower triangle of the row-major n x n src into the packed triangle A with NT threads,
 // eight global loads in flight per thread (one at a time leaves each waiting on memory), and
@@ -44,7 +50,7 @@ __device__ double load_packed_lower(const double* src, int n, double* A, int tid
 template <int NT>
 __device__ double load_packed_lower_max(const double* src, int n, double* A, double* warp_part, int tid) {
   double amax = load_packed_lower<NT>(src, n, A, tid);
-  for (int off = 16; off > 0; off >>= 1) amax = fmax(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+  amax = warp_max(amax, 32);
   if ((tid & 31) == 0) warp_part[tid >> 5] = amax;
   __syncthreads();
   amax = 0.0;

@@ -36,13 +36,9 @@ constexpr int kRegsCols = 32;  // columns per thread
 constexpr int kRegsWarps = kRegsThreads / 32;
 static_assert(kRegsWarps == 16, "the vᵀAv sum below adds 16 warp partials");
 
-// Doubles of the packed triangle the load uses, even so that the buffers after it stay 16-byte
-// aligned (they are read as double2).
-__host__ __device__ constexpr int64_t regs_packed_doubles(int n) { return (int64_t(n) * (n + 1) / 2 + 1) & ~int64_t(1); }
-
 // Shared memory tridiag_regs needs, in bytes.
 __host__ __device__ constexpr int64_t regs_smem_bytes(int n) {
-  return (regs_packed_doubles(n) + 2 * kRegsMaxN /*v*/ + kRegsMaxN /*w*/ + kRegsMaxN /*column*/ +
+  return (block::packed_doubles_even(n) + 2 * kRegsMaxN /*v*/ + kRegsMaxN /*w*/ + kRegsMaxN /*column*/ +
           4 * kRegsMaxN /*s*/ + 2 * kRegsWarps /*vᵀAv, max*/ + 2 /*tau*/) *
          int64_t(sizeof(double));
 }
@@ -80,10 +76,8 @@ __device__ __forceinline__ void regs_prepare(int kk, int n, const double (&col)[
     if (t >= kk + 2) sigma = fma(col[u], col[u], sigma);
   }
   if (kk + 2 >= n) return;
-  for (int off = 16; off > 0; off >>= 1) {
-    sigma += __shfl_xor_sync(0xffffffffu, sigma, off);
-    alpha += __shfl_xor_sync(0xffffffffu, alpha, off);  // one lane holds it, the others add zeros
-  }
+  sigma = block::group_sum(sigma, 32);
+  alpha = block::group_sum(alpha, 32);  // one lane holds it, the others add zeros
   const Reflector hh = reflector(alpha, sigma);
 #pragma unroll
   for (int u = 0; u < 4; ++u) {
@@ -109,7 +103,7 @@ __device__ void tridiag_regs(const double* src, int n, double* smem, double* tri
   const int c0 = kRegsCols * q;          // and its first column
   if (n <= 0) return;
   double* P = smem;                            // packed lower triangle, read once
-  double* vbuf = P + regs_packed_doubles(n);   // [2][128]: v of even / odd steps
+  double* vbuf = P + block::packed_doubles_even(n);  // [2][128]: v of even / odd steps
   double* wsh = vbuf + 2 * kRegsMaxN;          // [128]
   double* col = wsh + kRegsMaxN;               // [128]: column k + 1 before step k's update
   double* s_part = col + kRegsMaxN;            // [4][128]: s_q
@@ -169,7 +163,7 @@ __device__ void tridiag_regs(const double* src, int n, double* smem, double* tri
       dot = vt * s;
       if (holder) col[t] = regs_pick(a, c1 - c0);
     }
-    for (int off = 16; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
+    dot = block::group_sum(dot, 32);
     if (lane == 0) dot_part[warp] = dot;
     __syncthreads();
 

@@ -77,7 +77,7 @@ __device__ void tridiag_rows(const double* src, int n, double* smem, double* tri
       if (t >= 2) acc = x * x;
     }
     if (tid == 0) d[0] = A[0];
-    for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+    acc = block::group_sum(acc, 32);
     if (lane == 0) sig_part[warp] = acc;
   }
   __syncthreads();
@@ -134,7 +134,7 @@ __device__ void tridiag_rows(const double* src, int n, double* smem, double* tri
         dot = vt * pt;
       }
     }
-    for (int off = 16; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
+    dot = block::group_sum(dot, 32);
     if (lane == 0) dot_part[warp] = dot;
     __syncthreads();
 
@@ -173,7 +173,7 @@ __device__ void tridiag_rows(const double* src, int n, double* smem, double* tri
         if (t >= k + 3) acc = xn * xn;
       }
     }
-    for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+    acc = block::group_sum(acc, 32);
     if (lane == 0) sig_part[warp] = acc;
     __syncthreads();
   }
