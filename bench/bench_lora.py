@@ -17,6 +17,7 @@ Targets on an H100: Frobenius < 0.3 ms, singular values < 1 ms for r <= 128, ang
 
     pytest bench/bench_lora.py --benchmark-only -s      # pytest-benchmark tables
     python bench/bench_lora.py                          # one summary table
+    python bench/bench_lora.py --angles                 # only the principal-angle and cross-Gram rows
 """
 
 from __future__ import annotations
@@ -122,6 +123,18 @@ def run_table(device: torch.device, shape: dict) -> None:
                     ms = kernel_ms(fn)
             print(report(label, ms, nbytes if "kernel" in label else None, ceiling))
         del Bs, As, Bst, Ast
+    run_angles(device, shape)
+
+
+def cross_gram_cases(Bs, Bs2):
+    """B1ᵢᵀ·B2ᵢ in float64: the native kernel principal_angles uses, and the stock way it replaced."""
+    return {
+        "gradgeom lora_cross_gram kernel": lambda: torch.ops.gradgeom.lora_cross_gram(Bs, Bs2),
+        "torch stack + float64 bmm": lambda: torch.stack(Bs).double().mT @ torch.stack(Bs2).double(),
+    }
+
+
+def run_angles(device: torch.device, shape: dict) -> None:
     Bs, As = adapters(shape["n"], shape["d"], shape["k"], ANGLE_R, shape["dtype"], device)
     Bs2 = [(B.float() + 0.1 * torch.randn_like(B.float()) / shape["d"] ** 0.5).to(B.dtype) for B in Bs]
     first = {str(i): p for i, p in enumerate(zip(Bs, As))}
@@ -129,6 +142,14 @@ def run_table(device: torch.device, shape: dict) -> None:
     print(f"# principal angles, {shape['n']} pairs, r={ANGLE_R}")
     for label, fn in angle_cases(first, second, torch.stack(Bs), torch.stack(Bs2)).items():
         print(report(label, median_ms(fn, device)))
+    nbytes = sum(t.numel() * t.element_size() for t in Bs + Bs2)
+    ceiling = copy_gbps(nbytes, device)
+    print(f"# cross Grams B1ᵢᵀ·B2ᵢ of those pairs, factors {nbytes / 1e6:.0f} MB; copy {ceiling:.0f} GB/s (read + write)")
+    for label, fn in cross_gram_cases(Bs, Bs2).items():
+        ms = median_ms(fn, device)
+        if device.type == "cuda":  # the kernels alone, as for lora_gram above
+            ms = kernel_ms(fn)
+        print(report(label, ms, nbytes, ceiling))
 
 
 # --- pytest-benchmark ---------------------------------------------------------------------------
@@ -209,7 +230,36 @@ def test_angles(benchmark, device, label):
     benchmark.pedantic(timed, rounds=15, warmup_rounds=3)
 
 
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+@pytest.mark.parametrize("label", list(cross_gram_cases([], [])))
+def test_cross_gram(benchmark, device, label):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    dev = torch.device(device)
+    shape = GPU if device == "cuda" else CPU
+    Bs, _ = adapters(shape["n"], shape["d"], shape["k"], ANGLE_R, shape["dtype"], dev)
+    Bs2 = [(B.float() + 0.1 * torch.randn_like(B.float()) / shape["d"] ** 0.5).to(B.dtype) for B in Bs]
+    fn = cross_gram_cases(Bs, Bs2)[label]
+    nbytes = sum(t.numel() * t.element_size() for t in Bs + Bs2)
+    ceiling = copy_gbps(nbytes, dev)
+
+    def timed():
+        fn()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    benchmark.pedantic(timed, rounds=15, warmup_rounds=3)
+    if benchmark.stats is None:
+        return
+    ms = kernel_ms(fn) if dev.type == "cuda" else benchmark.stats.stats.median * 1e3
+    gbps = nbytes / ms / 1e6
+    benchmark.extra_info.update(ms=ms, gbps=gbps, pct_of_copy=100 * gbps / ceiling)
+    print("\n" + report(label, ms, nbytes, ceiling))
+
+
 if __name__ == "__main__":
+    only_angles = "--angles" in sys.argv[1:]  # just the principal-angle and cross-Gram rows
+    run = run_angles if only_angles else run_table
     if torch.cuda.is_available():
-        run_table(torch.device("cuda"), GPU)
-    run_table(torch.device("cpu"), CPU)
+        run(torch.device("cuda"), GPU)
+    run(torch.device("cpu"), CPU)

@@ -39,6 +39,7 @@ constexpr char kGroupMoments[] = "gradgeom::group_moments";
 constexpr char kSketchMoments[] = "gradgeom::sketch_moments";
 constexpr char kLoraGram[] = "gradgeom::lora_gram";
 constexpr char kGramFro[] = "gradgeom::gram_fro";
+constexpr char kLoraCrossGram[] = "gradgeom::lora_cross_gram";
 constexpr char kSymEigh[] = "gradgeom::sym_eigh";
 constexpr char kPsdCholesky[] = "gradgeom::psd_cholesky";
 constexpr char kLoraFro[] = "gradgeom::lora_fro";
@@ -54,6 +55,7 @@ TORCH_LIBRARY_IMPL(gradgeom, Autograd, m) {
                         Tensors2(TensorList, at::IntArrayRef, at::IntArrayRef, int64_t, int64_t, int64_t)>::call);
   m.impl("lora_gram", &BelowAutograd<kLoraGram, Tensors2(TensorList, TensorList)>::call);
   m.impl("gram_fro", &BelowAutograd<kGramFro, Tensor(const Tensor&, const Tensor&)>::call);
+  m.impl("lora_cross_gram", &BelowAutograd<kLoraCrossGram, Tensor(TensorList, TensorList)>::call);
   m.impl("sym_eigh", &BelowAutograd<kSymEigh, Tensors2(const Tensor&, bool)>::call);
   m.impl("psd_cholesky", &BelowAutograd<kPsdCholesky, Tensor(const Tensor&, double)>::call);
   m.impl("lora_fro", &BelowAutograd<kLoraFro, Tensor(TensorList, TensorList)>::call);

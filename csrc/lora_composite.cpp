@@ -248,7 +248,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gram_bases(const at::Tensor& gb, 
   const at::Tensor mu = mu_raw.clamp_min(0).flip(-1);
   const at::Tensor W = W_raw.flip(-1);
   const at::Tensor keep = beyond_rank(mu > 0, s.srank);
-  const at::Tensor inv = at::where(lam_b > 0, lam_b.clamp_min(1e-300).rsqrt(), at::scalar_tensor(0.0, lam_b.options()));
+  const at::Tensor inv = at::where(lam_b > 0, lam_b.clamp_min(1e-300).rsqrt(), 0.0);
   const at::Tensor T = at::matmul(V * inv.unsqueeze(-2), W * keep.unsqueeze(-2));
   if (!flag_ill) return {T, keep.sum(-1), at::Tensor()};
   at::Tensor ill = ill_conditioned(mu, gb, ga, s);
@@ -278,40 +278,11 @@ at::Tensor cosines(const at::Tensor& C) {
   return s.clamp(0.0, 1.0);
 }
 
-// _lora_core.cross_grams: float64 [n, R, R] with B1ᵢᵀ·B2ᵢ in the top-left corner; one product per
-// group of equal shapes.
-at::Tensor cross_grams(at::TensorList Bs, int64_t n, int64_t R) {
-  const auto opts = Bs[0].options().dtype(at::kDouble);
-  bool one_shape = Bs[0].size(1) == R;
-  for (const at::Tensor& B : Bs) one_shape = one_shape && B.sizes() == Bs[0].sizes();
-  if (one_shape) {
-    const at::Tensor S = at::stack(Bs).to(at::kDouble);
-    return at::matmul(S.narrow(0, 0, n).mT(), S.narrow(0, n, n));
-  }
-  at::Tensor out = at::zeros({n, R, R}, opts);
-  std::vector<std::pair<std::vector<int64_t>, std::vector<int64_t>>> keys;  // (shape of B1, shape of B2)
-  std::vector<std::vector<int64_t>> members;
-  for (int64_t i = 0; i < n; ++i) {
-    std::pair<std::vector<int64_t>, std::vector<int64_t>> key{Bs[i].sizes().vec(), Bs[n + i].sizes().vec()};
-    const auto it = std::find(keys.begin(), keys.end(), key);
-    if (it == keys.end()) {
-      keys.push_back(key);
-      members.push_back({i});
-    } else {
-      members[it - keys.begin()].push_back(i);
-    }
-  }
-  for (size_t g = 0; g < keys.size(); ++g) {
-    std::vector<at::Tensor> xs, ys;
-    for (const int64_t i : members[g]) {
-      xs.push_back(Bs[i]);
-      ys.push_back(Bs[n + i]);
-    }
-    const at::Tensor prod = at::matmul(at::stack(xs).to(at::kDouble).mT(), at::stack(ys).to(at::kDouble));
-    const at::Tensor idx = to_device({&members[g]}, static_cast<int64_t>(members[g].size()), out.device()).select(0, 0);
-    out.narrow(1, 0, keys[g].first[1]).narrow(2, 0, keys[g].second[1]).index_copy_(0, idx, prod);
-  }
-  return out;
+// _lora_core.cross_grams: float64 [n, R, R] with B1ᵢᵀ·B2ᵢ in the top-left corner (R = the largest
+// rank of both lists, as lora_gram's).
+at::Tensor cross_grams(at::TensorList Bs, int64_t n) {
+  static const auto op = typed_op<at::Tensor(at::TensorList, at::TensorList)>("gradgeom::lora_cross_gram");
+  return op.call(Bs.slice(0, n), Bs.slice(n, n));
 }
 
 // Bs = (B1_0 .. B1_{n-1}, B2_0 .. B2_{n-1}), As likewise: angles between the column spaces of
@@ -332,15 +303,14 @@ at::Tensor lora_principal_angles(at::TensorList Bs, at::TensorList As, bool flag
   const Structure s = structure(Bs, As, /*with_rank=*/flag_ill);
   GG_CHECK_VALUE(s.max_rank <= kSmallMatrixMaxSize, "lora_principal_angles: ranks above ", kSmallMatrixMaxSize,
                  " are not supported, got r = ", s.max_rank);
-  const int64_t R = gb.size(-1);
   const auto [T, rk, ill] = gram_bases(gb, ga, s, flag_ill);
   const at::Tensor nonfinite = (gb * 0 + ga * 0).sum(at::IntArrayRef{-2, -1});
-  const at::Tensor X = cross_grams(Bs, n, R);
+  const at::Tensor X = cross_grams(Bs, n);
   const at::Tensor cos = cosines(at::matmul(at::matmul(T.narrow(0, 0, n).mT(), X), T.narrow(0, n, n)));
   const int64_t K = cos.size(-1);
   const at::Tensor r1 = rk.narrow(0, 0, n), r2 = rk.narrow(0, n, n);
   const at::Tensor live = at::arange(K, rk.options()) < at::minimum(r1, r2).unsqueeze(-1);
-  const at::Tensor theta = at::where(live, at::arccos(cos), at::scalar_tensor(0.0, cos.options()));
+  const at::Tensor theta = at::where(live, at::arccos(cos), 0.0);
   std::vector<at::Tensor> cols{theta.square().sum(-1).sqrt(), r1, r2, nonfinite.narrow(0, 0, n) + nonfinite.narrow(0, n, n)};
   if (flag_ill) cols.push_back(ill.narrow(0, 0, n) | ill.narrow(0, n, n));
   return at::cat({theta, at::stack(cols, 1)}, 1);

@@ -32,6 +32,11 @@ TORCH_LIBRARY(gradgeom, m) {
   // outputs). Returns float64 [n]: sqrt(max(sum(gb[i] * ga[i]), 0)) = ‖B_i·A_i‖_F from the Gram
   // matrices (NaN propagates).
   m.def("gram_fro(Tensor gb, Tensor ga) -> Tensor");
+  // B1s[i]: [d_i, p_i], B2s[i]: [d_i, q_i]; float32/float64/float16/bfloat16, any strides, one
+  // device. Returns float64 [n, R, R], R = max(p_i, q_i): B1s[i]ᵀ·B2s[i] in its top-left p_i x q_i
+  // corner (factors widened to float64, products and sums in float64), zeros elsewhere. At least
+  // one pair (the dispatcher needs a tensor); R <= 8160 on CUDA.
+  m.def("lora_cross_gram(Tensor[] B1s, Tensor[] B2s) -> Tensor");
   // A: float32/float64 [batch, n, n] symmetric (lower triangle read), n <= 1024. Eigenvalues only:
   // Householder tridiagonalisation + bisection; with vectors: Jacobi eigen-solver.
   // Returns float64 eigenvalues [batch, n] ascending, eigenvectors [batch, n, n] (columns) or [0].

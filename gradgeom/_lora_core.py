@@ -313,19 +313,14 @@ def shape_info(Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor], device: t
 
 
 def cross_grams(B1: list[torch.Tensor], B2: list[torch.Tensor], R: int, device: torch.device) -> torch.Tensor:
-    """float64 ``[n, R, R]`` with B1ᵢᵀ·B2ᵢ in the top-left corner; one bmm per shape group. With
-    :func:`gram_bases` and :func:`cosines`, the Python statement of :func:`gradgeom.lora_ops.lora_principal_angles` (tested for identical bits)."""
-    shapes = set(map(_shape, B1 + B2))
-    if len(shapes) == 1 and next(iter(shapes))[1] == R:  # one shape: one stack, one bmm
-        S = torch.stack(B1 + B2).to(torch.float64)
-        n = len(B1)
-        return S[:n].mT @ S[n:]
-    out = torch.zeros((len(B1), R, R), dtype=torch.float64, device=device)
-    groups: dict[tuple, list[int]] = {}
-    for i, (x, y) in enumerate(zip(B1, B2)):
-        groups.setdefault((tuple(x.shape), tuple(y.shape)), []).append(i)
-    for (sx, sy), idx in groups.items():
-        X = torch.stack([B1[i] for i in idx]).to(torch.float64)
-        Y = torch.stack([B2[i] for i in idx]).to(torch.float64)
-        out[idx, : sx[1], : sy[1]] = X.mT @ Y
+    """float64 ``[n, R, R]`` with B1ᵢᵀ·B2ᵢ in the top-left corner (R: the largest rank of both
+    lists): the native :func:`gradgeom.lora_ops.lora_cross_gram`, which the Python statement of
+    :func:`gradgeom.lora_ops.lora_principal_angles` shares with it (tested for identical bits)."""
+    if not B1:
+        return torch.zeros((0, R, R), dtype=torch.float64, device=device)
+    X = torch.ops.gradgeom.lora_cross_gram(list(B1), list(B2))
+    if X.shape[-1] == R:
+        return X
+    out = X.new_zeros((len(B1), R, R))
+    out[:, : X.shape[-1], : X.shape[-1]] = X
     return out

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import operator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from itertools import repeat
 from typing import Any, Optional, Sequence, Union
 
@@ -654,6 +654,29 @@ class PrincipalAngles:
     route: str = "gram"
 
 
+class _RowAngles(PrincipalAngles):
+    """A Gram-route :class:`PrincipalAngles` whose ``angles`` are the first min(rank_1, rank_2)
+    entries of row ``i`` of the host tensor a :func:`principal_angles` call reads back, cut when
+    first read (one view per adapter costs about as much as the rest of the per-adapter work)."""
+
+    def __init__(self, rows: torch.Tensor, i: int, distance: float, rank_1: int, rank_2: int) -> None:
+        self._rows, self._i, self.distance, self.rank_1, self.rank_2 = rows, i, distance, rank_1, rank_2
+
+    @property
+    def angles(self) -> torch.Tensor:  # type: ignore[override]
+        cut = self.__dict__.get("_angles")
+        if cut is None:
+            cut = self.__dict__["_angles"] = self._rows[self._i, : min(self.rank_1, self.rank_2)]
+        return cut
+
+    @angles.setter
+    def angles(self, value: torch.Tensor) -> None:
+        self.__dict__["_angles"] = value
+
+    def __repr__(self) -> str:
+        return "PrincipalAngles(" + ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self)) + ")"
+
+
 def snapshot(model_or_pairs: Union[nn.Module, dict, Sequence], *, adapter_name: Optional[str] = None) -> dict[str, Pair]:
     """Detached copies of every adapter's factors, ``{name: (B [d, r], A [r, k])}``, for
     :func:`principal_angles` later. Costs r·(d + k) elements per adapter, never d·k."""
@@ -744,16 +767,13 @@ def principal_angles(
             _angle_groups(names, B1, A1, B2, A2, strict=True)  # name the offending pair
             raise
         K = host.shape[1] - (5 if method == "auto" else 4)
-        thetas = host[:, :K].unbind(0)
         cols = host[:, K:].t().tolist()
         dist, r1s, r2s, bads = cols[:4]
         if method != "qr" and not any(bads) and (method == "gram" or not any(cols[4])):  # every pair on the Gram route
             r1s, r2s = list(map(int, r1s)), list(map(int, r2s))
-            ks = list(map(min, r1s, r2s))
-            if ks.count(K) != n:
-                thetas = [t if k == K else t[:k] for t, k in zip(thetas, ks)]
-            out.update(zip(sel, map(PrincipalAngles, thetas, dist, r1s, r2s, repeat("gram", n))))
+            out.update(zip(sel, map(_RowAngles, repeat(host, n), range(n), dist, r1s, r2s)))
             continue
+        thetas = host[:, :K].unbind(0)
         for j, (name, row) in enumerate(zip(sel, zip(*cols))):
             b1, a1, b2, a2 = Bs[j], As[j], Bs[n + j], As[n + j]
             dist, r1, r2, bad = row[0], int(row[1]), int(row[2]), row[3] != 0

@@ -3,6 +3,7 @@
 ``lora_gram`` computes the r×r Gram matrices of many LoRA factors in one launch;
 ``sym_eigh`` is a batched symmetric eigen-solver (one block per matrix on CUDA: Householder +
 bisection for eigenvalues only, Jacobi with eigenvectors) that stays fast for r up to 256.
+``lora_cross_gram`` computes the cross products B1ᵢᵀ·B2ᵢ of many pairs of factors (float64).
 ``lora_fro``, ``lora_svdvals`` and ``lora_principal_angles`` are native composites of these: the
 whole Gram route of :mod:`gradgeom.lora` in one call, for a fraction of the host time of the same
 ops from Python.
@@ -24,6 +25,7 @@ __all__ = [
     "PRINCIPAL_ANGLES",
     "SVDVALS",
     "gram_fro",
+    "lora_cross_gram",
     "lora_fro",
     "lora_gram",
     "lora_principal_angles",
@@ -141,6 +143,37 @@ def gram_fro(gb: torch.Tensor, ga: torch.Tensor) -> torch.Tensor:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"gram_fro: {name} must be a torch.Tensor, got {type(t).__name__}")
     return torch.ops.gradgeom.gram_fro(gb, ga)
+
+
+def lora_cross_gram(
+    B1s: Sequence[torch.Tensor], B2s: Sequence[torch.Tensor], *, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """Cross Gram matrices B1ᵢᵀ·B2ᵢ of a ragged list of factor pairs, in one native call.
+
+    Args:
+        B1s: ``n`` tensors ``[d_i, p_i]`` (float32 / float64 / float16 / bfloat16, any strides).
+        B2s: ``n`` tensors ``[d_i, q_i]``, same ``d_i`` as ``B1s[i]``, same device as ``B1s``.
+            ``d_i``, ``p_i``, ``q_i`` may differ between pairs and dtypes between tensors; 0-sized
+            dimensions are fine.
+        device: where the (empty) result lives when the lists are empty.
+
+    Returns:
+        float64 ``[n, R, R]`` with ``R = max(p_i, q_i)`` on the factors' device:
+        ``out[i, :p_i, :q_i] = B1ᵢᵀ·B2ᵢ``, zeros elsewhere. Both factors are widened to float64
+        and products and sums are float64 (on the CPU an ATen matmul; on CUDA one kernel that may
+        sum in another order, ~1e-16 relative). Never synchronises with the GPU.
+    """
+    for name, seq in (("B1s", B1s), ("B2s", B2s)):
+        if isinstance(seq, torch.Tensor) or not isinstance(seq, (list, tuple)):
+            raise TypeError(f"lora_cross_gram: {name} must be a list or tuple of tensors, got {type(seq).__name__}")
+        for i, t in enumerate(seq):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"lora_cross_gram: {name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
+    if len(B1s) != len(B2s):
+        raise ValueError(f"lora_cross_gram: B1s and B2s must have the same length, got {len(B1s)} and {len(B2s)}")
+    if not B1s:
+        return torch.zeros((0, 0, 0), dtype=torch.float64, device=device)
+    return torch.ops.gradgeom.lora_cross_gram(list(B1s), list(B2s))
 
 
 def lora_fro(
@@ -330,6 +363,23 @@ def _gram_fro_fake(gb, ga):
     if ga.device != gb.device:
         raise ValueError(f"gram_fro: gb and ga must be on one device, got {gb.device} and {ga.device}")
     return gb.new_empty((gb.shape[0],))
+
+
+@torch.library.register_fake("gradgeom::lora_cross_gram")
+def _lora_cross_gram_fake(B1s, B2s):
+    torch._check(len(B1s) == len(B2s), lambda: "lora_cross_gram: B1s and B2s must have the same length")
+    n = len(B1s)
+    R = 0
+    for i, (x, y) in enumerate(zip(B1s, B2s)):
+        torch._check(x.dim() == 2 and y.dim() == 2, lambda: f"lora_cross_gram: B1s[{i}] and B2s[{i}] must be 2-D")
+        torch._check(x.shape[0] == y.shape[0],
+                     lambda: f"lora_cross_gram: pair {i}: the factors must have the same number of rows d")
+        if x.device != B1s[0].device or y.device != B1s[0].device:
+            raise ValueError(f"lora_cross_gram: all factors must be on one device: pair {i} is on {x.device}/{y.device} "
+                             f"but B1s[0] is on {B1s[0].device}")
+        R = torch.sym_max(R, torch.sym_max(x.shape[1], y.shape[1]))
+    device = B1s[0].device if n else torch.device("cpu")
+    return torch.empty((n, R, R), dtype=torch.float64, device=device)
 
 
 @torch.library.register_fake("gradgeom::lora_fro")

@@ -141,7 +141,7 @@ def sketch_moments(
     return moments.to(out_device), sketch.to(out_device)
 # --- LoRA geometry (issue 4) -------------------------------------------------------------------
 
-__all__ += ["gram_fro", "lora_gram", "psd_cholesky", "sym_eigh"]
+__all__ += ["gram_fro", "lora_cross_gram", "lora_gram", "psd_cholesky", "sym_eigh"]
 
 
 def lora_gram(
@@ -161,6 +161,23 @@ def lora_gram(
         gb[i, :r, :r] = b.T @ b
         ga[i, :r, :r] = a @ a.T
     return gb.to(out_device), ga.to(out_device)
+
+
+def lora_cross_gram(
+    B1s: Sequence[torch.Tensor], B2s: Sequence[torch.Tensor], *, device: Union[torch.device, str, None] = None
+) -> torch.Tensor:
+    """Reference for :func:`gradgeom.lora_ops.lora_cross_gram`: float64 ``[n, R, R]``
+    (``R = max(p_i, q_i)``, zero-padded), ``out[i, :p_i, :q_i] = B1ᵢᵀ·B2ᵢ`` with both factors
+    widened to float64 first; float64 ``[0, 0, 0]`` on ``device`` (default CPU) for empty lists."""
+    B1s, B2s = list(B1s), list(B2s)
+    out_device = B1s[0].device if B1s else device
+    R = max((max(x.shape[1], y.shape[1]) for x, y in zip(B1s, B2s)), default=0)
+    out = torch.zeros((len(B1s), R, R), dtype=torch.float64)
+    for i, (x, y) in enumerate(zip(B1s, B2s)):
+        a = x.detach().to("cpu", torch.float64)
+        b = y.detach().to("cpu", torch.float64)
+        out[i, : a.shape[1], : b.shape[1]] = a.T @ b
+    return out.to(out_device)
 
 
 def gram_fro(gb: torch.Tensor, ga: torch.Tensor) -> torch.Tensor:

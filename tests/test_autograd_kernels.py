@@ -8,8 +8,8 @@ import torch
 from conftest import DEVICES
 from gradgeom import _native  # noqa: F401  (registers torch.ops.gradgeom)
 
-OPS = ["group_moments", "sketch_moments", "lora_gram", "gram_fro", "sym_eigh", "psd_cholesky", "lora_fro",
-       "lora_svdvals", "lora_principal_angles"]
+OPS = ["group_moments", "sketch_moments", "lora_gram", "gram_fro", "lora_cross_gram", "sym_eigh", "psd_cholesky",
+       "lora_fro", "lora_svdvals", "lora_principal_angles"]
 
 
 def calls(device, grad):
@@ -28,6 +28,7 @@ def calls(device, grad):
         ("sketch_moments", ([rand(5), rand(2, 3)], [0, 0], [0, 5], 1, 8, 0)),
         ("lora_gram", ([B1], [A1])),
         ("gram_fro", (G, G.detach())),
+        ("lora_cross_gram", ([B1], [B2.detach()])),
         ("sym_eigh", (S2, True)),
         ("psd_cholesky", (S2, 1e-14)),
         ("lora_fro", ([B1], [A1])),

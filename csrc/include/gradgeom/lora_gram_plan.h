@@ -77,6 +77,40 @@ inline LoraGramPlan make_lora_gram_plan(const at::TensorList& Bs, const at::Tens
   return plan;
 }
 
+// lora_cross_gram's pairs: X = B1s[i] and Y = B2s[i] read in place (row i of both is row i of
+// the factor), checked; max_rank is R = max(p_i, q_i).
+struct CrossGramPlan {
+  std::vector<GramJob> left, right;
+  int64_t max_rank = 0;
+};
+
+inline CrossGramPlan make_cross_gram_plan(const at::TensorList& B1s, const at::TensorList& B2s) {
+  GG_CHECK_VALUE(B1s.size() == B2s.size(), "lora_cross_gram: B1s and B2s must have the same length, got ", B1s.size(),
+                 " and ", B2s.size());
+  CrossGramPlan plan;
+  plan.left.reserve(B1s.size());
+  plan.right.reserve(B2s.size());
+  for (size_t i = 0; i < B1s.size(); ++i) {
+    for (const at::TensorList* list : {&B1s, &B2s}) {
+      const char* which = list == &B1s ? "B1s" : "B2s";
+      const at::Tensor& t = (*list)[i];
+      GG_CHECK_VALUE(t.defined(), "lora_cross_gram: ", which, "[", i, "] must be a tensor, not None");
+      GG_CHECK_VALUE(t.dim() == 2, "lora_cross_gram: ", which, "[", i, "] must be 2-D [d, r], got shape ", t.sizes());
+      GG_CHECK_TYPE(is_supported_float(t.scalar_type()), "lora_cross_gram: ", which, "[", i, "] has dtype ",
+                    t.scalar_type(), "; expected float32, float64, float16 or bfloat16");
+      GG_CHECK_VALUE(t.device() == B1s[0].device(), "lora_cross_gram: all factors must be on one device: ", which, "[",
+                     i, "] is on ", t.device(), " but B1s[0] is on ", B1s[0].device());
+    }
+    GG_CHECK_VALUE(B1s[i].size(0) == B2s[i].size(0), "lora_cross_gram: pair ", i,
+                   ": the factors must have the same number of rows d, got B1s[", i, "] ", B1s[i].sizes(), " and B2s[",
+                   i, "] ", B2s[i].sizes());
+    plan.left.push_back(gram_job(B1s[i], /*dim_rows=*/0));
+    plan.right.push_back(gram_job(B2s[i], /*dim_rows=*/0));
+    plan.max_rank = std::max({plan.max_rank, B1s[i].size(1), B2s[i].size(1)});
+  }
+  return plan;
+}
+
 // gram_fro's arguments: two float64 batches of square matrices of one shape [n, R, R], one device.
 inline void check_gram_pair(const char* op, const at::Tensor& gb, const at::Tensor& ga) {
   GG_CHECK_VALUE(gb.dim() == 3 && gb.size(1) == gb.size(2), op,

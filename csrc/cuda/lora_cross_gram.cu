@@ -1,0 +1,175 @@
+// lora_cross_gram on CUDA: X = B1ᵢᵀ·B2ᵢ of a ragged list of pairs in one launch, read in place
+// (any strides and dtypes), products and sums in float64. Block (i, t) computes tile t of pair i
+// (cross_gram_kernel). The pair table is uploaded once per set of tensors (cached_upload.cuh).
+// Replaces stack + float64 copy + batched GEMM in principal_angles.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "gradgeom/cached_upload.cuh"
+#include "gradgeom/check.h"
+#include "gradgeom/lora_gram_plan.h"
+
+namespace gradgeom {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kChunk = 64;  // rows of both factors staged per step
+
+struct DeviceFactor {
+  const void* data;
+  int64_t row_stride;
+  int64_t col_stride;
+  int32_t cols;
+  int32_t type;  // ElemType
+};
+
+struct DeviceCrossPair {
+  DeviceFactor x, y;
+  int64_t rows;
+  int64_t pad;
+};
+static_assert(sizeof(DeviceCrossPair) % sizeof(int64_t) == 0, "uploaded as int64 words");
+constexpr int64_t kPairWords = sizeof(DeviceCrossPair) / sizeof(int64_t);
+
+// Element (row, col) of a factor widened to float64; 0 outside it.
+__device__ __forceinline__ double load_widened(const DeviceFactor& f, int64_t rows, int64_t row, int col) {
+  if (row >= rows || col >= f.cols) return 0.0;
+  const int64_t off = row * f.row_stride + int64_t(col) * f.col_stride;
+  switch (static_cast<ElemType>(f.type)) {
+    case ElemType::kFloat64: return static_cast<const double*>(f.data)[off];
+    case ElemType::kFloat32: return static_cast<const float*>(f.data)[off];
+    case ElemType::kFloat16: return __half2float(static_cast<const __half*>(f.data)[off]);
+    default: return __bfloat162float(static_cast<const __nv_bfloat16*>(f.data)[off]);
+  }
+}
+
+// Block (pair, tile) computes the kTw x kTw tile (i0, j0) of X[:, i0:]ᵀ·Y[:, j0:]. Rows are staged
+// kChunk at a time (the next chunk's loads in flight in registers while this one is multiplied);
+// each thread owns a 2 x 2 block of the tile, and when the tile needs fewer than kThreads owners
+// (kTw = 16) the kGroups thread groups each take a contiguous quarter of every chunk. The groups'
+// partial tiles are added in group order at the end, so the bits do not depend on timing.
+template <int kTw>
+__global__ void __launch_bounds__(kThreads, kTw == 16 ? 2 : 1) cross_gram_kernel(const DeviceCrossPair* pairs, int64_t R, double* out) {
+  constexpr int kOwners = (kTw / 2) * (kTw / 2);
+  constexpr int kGroups = kThreads / kOwners;
+  constexpr int kRowsPerGroup = kChunk / kGroups;
+  constexpr int kLoads = kChunk * kTw / kThreads;  // staged elements per thread and factor
+  constexpr int kLd = kTw + 2;                     // row stride: 16-byte rows for double2 reads
+  static_assert(kThreads % kOwners == 0 && kChunk % kGroups == 0 && (kChunk * kTw) % kThreads == 0, "tiling");
+  __shared__ __align__(16) double xs[kChunk * kLd];
+  __shared__ __align__(16) double ys[kChunk * kLd];
+  __shared__ double part[kGroups > 1 ? kGroups - 1 : 1][kTw * kTw];
+  const DeviceCrossPair pr = pairs[blockIdx.x];
+  const int tiles_j = (pr.y.cols + kTw - 1) / kTw;
+  const int tiles = ((pr.x.cols + kTw - 1) / kTw) * tiles_j;
+  if (static_cast<int>(blockIdx.y) >= tiles) return;
+  const int i0 = (blockIdx.y / tiles_j) * kTw, j0 = (blockIdx.y % tiles_j) * kTw;
+  const int t = threadIdx.x;
+  const int owner = t % kOwners, group = t / kOwners;
+  const int i = 2 * (owner / (kTw / 2)), j = 2 * (owner % (kTw / 2));  // this thread's outputs (i.., j..)
+  double acc[2][2] = {{0.0, 0.0}, {0.0, 0.0}};
+  double xv[kLoads], yv[kLoads];
+  auto fetch = [&](int64_t row0) {
+#pragma unroll
+    for (int k = 0; k < kLoads; ++k) {
+      const int e = t + k * kThreads, r = e / kTw, c = e % kTw;
+      xv[k] = load_widened(pr.x, pr.rows, row0 + r, i0 + c);
+      yv[k] = load_widened(pr.y, pr.rows, row0 + r, j0 + c);
+    }
+  };
+  fetch(0);
+  for (int64_t row0 = 0; row0 < pr.rows; row0 += kChunk) {
+#pragma unroll
+    for (int k = 0; k < kLoads; ++k) {
+      const int e = t + k * kThreads, r = e / kTw, c = e % kTw;
+      xs[r * kLd + c] = xv[k];
+      ys[r * kLd + c] = yv[k];
+    }
+    __syncthreads();
+    if (row0 + kChunk < pr.rows) fetch(row0 + kChunk);
+#pragma unroll 4
+    for (int r = group * kRowsPerGroup; r < (group + 1) * kRowsPerGroup; ++r) {
+      const double2 x2 = *reinterpret_cast<const double2*>(xs + r * kLd + i);
+      const double2 y2 = *reinterpret_cast<const double2*>(ys + r * kLd + j);
+      acc[0][0] = fma(x2.x, y2.x, acc[0][0]);
+      acc[0][1] = fma(x2.x, y2.y, acc[0][1]);
+      acc[1][0] = fma(x2.y, y2.x, acc[1][0]);
+      acc[1][1] = fma(x2.y, y2.y, acc[1][1]);
+    }
+    __syncthreads();
+  }
+  if (kGroups > 1) {
+    if (group > 0)
+#pragma unroll
+      for (int a = 0; a < 2; ++a)
+#pragma unroll
+        for (int b = 0; b < 2; ++b) part[group - 1][(i + a) * kTw + j + b] = acc[a][b];
+    __syncthreads();
+    if (group > 0) return;
+#pragma unroll
+    for (int g = 0; g < kGroups - 1; ++g)
+#pragma unroll
+      for (int a = 0; a < 2; ++a)
+#pragma unroll
+        for (int b = 0; b < 2; ++b) acc[a][b] += part[g][(i + a) * kTw + j + b];
+  }
+  double* o = out + int64_t(blockIdx.x) * R * R;
+#pragma unroll
+  for (int a = 0; a < 2; ++a)
+#pragma unroll
+    for (int b = 0; b < 2; ++b)
+      if (i0 + i + a < pr.x.cols && j0 + j + b < pr.y.cols) o[int64_t(i0 + i + a) * R + j0 + j + b] = acc[a][b];
+}
+
+DeviceFactor device_factor(const GramJob& g) {
+  return DeviceFactor{g.data, g.row_stride, g.col_stride, static_cast<int32_t>(g.cols), static_cast<int32_t>(g.type)};
+}
+
+at::Tensor lora_cross_gram_cuda(at::TensorList B1s, at::TensorList B2s) {
+  const CrossGramPlan plan = make_cross_gram_plan(B1s, B2s);
+  const int64_t n = static_cast<int64_t>(B1s.size());
+  const int64_t R = plan.max_rank;
+  if (n == 0) return at::empty({0, 0, 0}, at::TensorOptions().dtype(at::kDouble));
+  const c10::cuda::CUDAGuard guard(B1s[0].device());
+  const at::TensorOptions dev = at::TensorOptions().device(B1s[0].device()).dtype(at::kDouble);
+  GG_CHECK(n < (int64_t(1) << 31), "lora_cross_gram: too many pairs (", n, ")");
+  bool full = true;  // every pair fills its R x R block: no zero padding needed
+  for (int64_t i = 0; i < n; ++i) full = full && plan.left[i].cols == R && plan.right[i].cols == R;
+  at::Tensor out = full ? at::empty({n, R, R}, dev) : at::zeros({n, R, R}, dev);
+  if (R == 0) return out;
+  const at::Tensor table = cached_upload_words(n * kPairWords, dev, [&](int64_t* host) {
+    for (int64_t i = 0; i < n; ++i) {
+      DeviceCrossPair p{device_factor(plan.left[i]), device_factor(plan.right[i]), plan.left[i].rows, 0};
+      std::memcpy(host + i * kPairWords, &p, sizeof p);
+    }
+  });
+  const int tw = R <= 16 ? 16 : 32;  // 16-wide tiles keep r <= 16 from idling three threads in four
+  const int64_t tiles = ((R + tw - 1) / tw) * ((R + tw - 1) / tw);
+  GG_CHECK(tiles < 65536, "lora_cross_gram: ranks too large (R = ", R, ")");
+  const dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>(tiles));
+  const auto* dev_pairs = reinterpret_cast<const DeviceCrossPair*>(table.data_ptr<int64_t>());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (tw == 16)
+    cross_gram_kernel<16><<<grid, kThreads, 0, stream>>>(dev_pairs, R, out.data_ptr<double>());
+  else
+    cross_gram_kernel<32><<<grid, kThreads, 0, stream>>>(dev_pairs, R, out.data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(gradgeom, CUDA, m) { m.impl("lora_cross_gram", &lora_cross_gram_cuda); }
+
+}  // namespace gradgeom
