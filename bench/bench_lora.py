@@ -210,18 +210,18 @@ def test_cpu(benchmark, cpu_setup, label):
     _bench(benchmark, torch.device("cpu"), cpu_setup, label)
 
 
-@pytest.mark.parametrize("device", ["cuda", "cpu"])
-@pytest.mark.parametrize("label", ["gradgeom principal_angles", "torch batched qr + svdvals (B only)"])
-def test_angles(benchmark, device, label):
+def _angle_pairs(device: str):
+    """(device, the angle bench's first and perturbed second B factors, its A factors) at r = ANGLE_R."""
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     dev = torch.device(device)
     shape = GPU if device == "cuda" else CPU
     Bs, As = adapters(shape["n"], shape["d"], shape["k"], ANGLE_R, shape["dtype"], dev)
     Bs2 = [(B.float() + 0.1 * torch.randn_like(B.float()) / shape["d"] ** 0.5).to(B.dtype) for B in Bs]
-    fn = angle_cases({str(i): p for i, p in enumerate(zip(Bs, As))}, {str(i): p for i, p in enumerate(zip(Bs2, As))},
-                     torch.stack(Bs), torch.stack(Bs2))[label]
+    return dev, Bs, Bs2, As
 
+
+def _pedantic(benchmark, dev: torch.device, fn) -> None:
     def timed():
         fn()
         if dev.type == "cuda":
@@ -231,25 +231,23 @@ def test_angles(benchmark, device, label):
 
 
 @pytest.mark.parametrize("device", ["cuda", "cpu"])
+@pytest.mark.parametrize("label", ["gradgeom principal_angles", "torch batched qr + svdvals (B only)"])
+def test_angles(benchmark, device, label):
+    dev, Bs, Bs2, As = _angle_pairs(device)
+    fn = angle_cases({str(i): p for i, p in enumerate(zip(Bs, As))}, {str(i): p for i, p in enumerate(zip(Bs2, As))},
+                     torch.stack(Bs), torch.stack(Bs2))[label]
+    _pedantic(benchmark, dev, fn)
+
+
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
 @pytest.mark.parametrize("label", list(cross_gram_cases([], [])))
 def test_cross_gram(benchmark, device, label):
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
-    dev = torch.device(device)
-    shape = GPU if device == "cuda" else CPU
-    Bs, _ = adapters(shape["n"], shape["d"], shape["k"], ANGLE_R, shape["dtype"], dev)
-    Bs2 = [(B.float() + 0.1 * torch.randn_like(B.float()) / shape["d"] ** 0.5).to(B.dtype) for B in Bs]
+    dev, Bs, Bs2, _ = _angle_pairs(device)
     fn = cross_gram_cases(Bs, Bs2)[label]
     nbytes = sum(t.numel() * t.element_size() for t in Bs + Bs2)
     ceiling = copy_gbps(nbytes, dev)
-
-    def timed():
-        fn()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-
-    benchmark.pedantic(timed, rounds=15, warmup_rounds=3)
-    if benchmark.stats is None:
+    _pedantic(benchmark, dev, fn)
+    if benchmark.stats is None:  # --benchmark-disable: ran once as a smoke test
         return
     ms = kernel_ms(fn) if dev.type == "cuda" else benchmark.stats.stats.median * 1e3
     gbps = nbytes / ms / 1e6
