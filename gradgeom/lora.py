@@ -659,8 +659,12 @@ class _RowAngles(PrincipalAngles):
     entries of row ``i`` of the host tensor a :func:`principal_angles` call reads back, cut when
     first read (one view per adapter costs about as much as the rest of the per-adapter work)."""
 
-    def __init__(self, rows: torch.Tensor, i: int, distance: float, rank_1: int, rank_2: int) -> None:
+    def __init__(self, rows: Optional[torch.Tensor] = None, i: int = 0, distance: float = 0.0, rank_1: int = 0,
+                 rank_2: int = 0, *, angles: Optional[torch.Tensor] = None, route: str = "gram") -> None:
+        # Positional: row i of rows (the fast path). Keywords as PrincipalAngles' (dataclasses.replace).
         self._rows, self._i, self.distance, self.rank_1, self.rank_2 = rows, i, distance, rank_1, rank_2
+        if angles is not None or route != "gram":
+            self.angles, self.route = angles, route
 
     @property
     def angles(self) -> torch.Tensor:  # type: ignore[override]

@@ -258,6 +258,36 @@ def test_principal_angles_orthogonal_and_identical_subspaces(device):
     assert pa.angles.max() < 1e-6
 
 
+def test_principal_angles_results_behave_as_the_dataclass(device):
+    """Gram-route results hold their angles as views of one host table, cut on first read: they
+    must still be PrincipalAngles in every way a user can see (repr, replace, copy, pickle, setting
+    angles), and two reads give the same tensor."""
+    import copy
+    import dataclasses
+    import pickle
+
+    torch.manual_seed(3)
+    pairs1 = [(rand((20, r), torch.float64, device), rand((r, 9), torch.float64, device)) for r in (3, 5)]
+    pairs2 = [(rand((20, r), torch.float64, device), rand((r, 9), torch.float64, device)) for r in (4, 5)]
+    got = lora.principal_angles(pairs1, pairs2, method="gram")
+    for name, (r1, r2) in {"0": (3, 4), "1": (5, 5)}.items():
+        pa = got[name]
+        assert isinstance(pa, lora.PrincipalAngles) and pa.route == "gram"
+        assert (pa.rank_1, pa.rank_2) == (r1, r2) and pa.angles.shape == (min(r1, r2),)
+        assert pa.angles is pa.angles and pa.angles.device.type == "cpu" and pa.angles.dtype == torch.float64
+        assert repr(pa).startswith("PrincipalAngles(angles=tensor(")
+        assert math.isclose(pa.distance, float(pa.angles.norm()), rel_tol=1e-12, abs_tol=1e-15)
+        moved = dataclasses.replace(pa, distance=-1.0)
+        assert moved.distance == -1.0 and torch.equal(moved.angles, pa.angles) and moved.route == "gram"
+        assert dataclasses.replace(pa, route="qr").route == "qr"
+        for twin in (copy.deepcopy(pa), pickle.loads(pickle.dumps(pa))):
+            assert torch.equal(twin.angles, pa.angles) and twin.distance == pa.distance
+        assert dataclasses.asdict(pa)["angles"].shape == (min(r1, r2),)
+    pa = got["0"]
+    pa.angles = torch.zeros(2, dtype=torch.float64)
+    assert torch.equal(pa.angles, torch.zeros(2, dtype=torch.float64))
+
+
 def test_bad_input_errors():
     B, A = torch.randn(5, 3), torch.randn(3, 4)
     with pytest.raises(ValueError, match="inner dimension r"):
