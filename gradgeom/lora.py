@@ -663,8 +663,10 @@ class _RowAngles(PrincipalAngles):
                  rank_2: int = 0, *, angles: Optional[torch.Tensor] = None, route: str = "gram") -> None:
         # Positional: row i of rows (the fast path). Keywords as PrincipalAngles' (dataclasses.replace).
         self._rows, self._i, self.distance, self.rank_1, self.rank_2 = rows, i, distance, rank_1, rank_2
-        if angles is not None or route != "gram":
-            self.angles, self.route = angles, route
+        if angles is not None:
+            self.angles = angles
+        if route != "gram":
+            self.route = route
 
     @property
     def angles(self) -> torch.Tensor:  # type: ignore[override]

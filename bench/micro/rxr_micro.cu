@@ -319,27 +319,21 @@ static void rows_case(const double* in, double* w, int batch, int n, const std::
   int* scale;
   CK(cudaMalloc(&tri, size_t(batch) * 3 * n * 8));
   CK(cudaMalloc(&scale, size_t(batch) * 4));
-  const int rsmem = int(tridiag::rows_smem_bytes(n));
-  CK(cudaFuncSetAttribute(house_rows, cudaFuncAttributeMaxDynamicSharedMemorySize, rsmem));
-  const float trh = time_ms([&] { house_rows<<<batch, tridiag::kRowsThreads, rsmem>>>(in, n, tri, scale, w); });
-  const float tre = time_ms([&] {
-    house_rows<<<batch, tridiag::kRowsThreads, rsmem>>>(in, n, tri, scale, w);
-    tri_bisect<128><<<batch, 128, bsmem>>>(tri, scale, n, w);
-  });
   std::vector<double> wr(size_t(batch) * n);
-  CK(cudaMemcpy(wr.data(), w, wr.size() * 8, cudaMemcpyDeviceToHost));
-  std::printf("n=%4d ROWS eigvalsh %8.1f us (householder %8.1f, trace err %.1e, max |w-w_old|/|w|max %.1e, smem %d B)\n", n,
-              tre * 1e3, trh * 1e3, trace_error(wr, h, batch, n), max_relative_diff(wr, w_ref, batch, n), rsmem);
-  const int gsmem = int(tridiag::regs_smem_bytes(n));
-  CK(cudaFuncSetAttribute(house_regs, cudaFuncAttributeMaxDynamicSharedMemorySize, gsmem));
-  const float tgh = time_ms([&] { house_regs<<<batch, tridiag::kRegsThreads, gsmem>>>(in, n, tri, scale, w); });
-  const float tge = time_ms([&] {
-    house_regs<<<batch, tridiag::kRegsThreads, gsmem>>>(in, n, tri, scale, w);
-    tri_bisect<128><<<batch, 128, bsmem>>>(tri, scale, n, w);
-  });
-  CK(cudaMemcpy(wr.data(), w, wr.size() * 8, cudaMemcpyDeviceToHost));
-  std::printf("n=%4d REGS eigvalsh %8.1f us (householder %8.1f, trace err %.1e, max |w-w_old|/|w|max %.1e, smem %d B)\n", n,
-              tge * 1e3, tgh * 1e3, trace_error(wr, h, batch, n), max_relative_diff(wr, w_ref, batch, n), gsmem);
+  // One Householder kernel alone and with the bisection after it, checked against w_ref.
+  auto reduction_case = [&](const char* label, auto kernel, int threads, int smem) {
+    CK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    const float th = time_ms([&] { kernel<<<batch, threads, smem>>>(in, n, tri, scale, w); });
+    const float te = time_ms([&] {
+      kernel<<<batch, threads, smem>>>(in, n, tri, scale, w);
+      tri_bisect<128><<<batch, 128, bsmem>>>(tri, scale, n, w);
+    });
+    CK(cudaMemcpy(wr.data(), w, wr.size() * 8, cudaMemcpyDeviceToHost));
+    std::printf("n=%4d %s eigvalsh %8.1f us (householder %8.1f, trace err %.1e, max |w-w_old|/|w|max %.1e, smem %d B)\n",
+                n, label, te * 1e3, th * 1e3, trace_error(wr, h, batch, n), max_relative_diff(wr, w_ref, batch, n), smem);
+  };
+  reduction_case("ROWS", house_rows, tridiag::kRowsThreads, int(tridiag::rows_smem_bytes(n)));
+  reduction_case("REGS", house_regs, tridiag::kRegsThreads, int(tridiag::regs_smem_bytes(n)));
   CK(cudaFree(tri));
   CK(cudaFree(scale));
 }
