@@ -59,7 +59,7 @@ TORCH_LIBRARY_IMPL(gradgeom, Autograd, m) {
   m.impl("sym_eigh", &BelowAutograd<kSymEigh, Tensors2(const Tensor&, bool)>::call);
   m.impl("psd_cholesky", &BelowAutograd<kPsdCholesky, Tensor(const Tensor&, double)>::call);
   m.impl("lora_fro", &BelowAutograd<kLoraFro, Tensor(TensorList, TensorList)>::call);
-  m.impl("lora_svdvals", &BelowAutograd<kLoraSvdvals, Tensors3(TensorList, TensorList, bool)>::call);
+  m.impl("lora_svdvals", &BelowAutograd<kLoraSvdvals, Tensors3(TensorList, TensorList, bool, bool)>::call);
   m.impl("lora_principal_angles", &BelowAutograd<kLoraPrincipalAngles, Tensor(TensorList, TensorList, bool)>::call);
 }
 

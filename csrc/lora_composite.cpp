@@ -209,14 +209,15 @@ at::Tensor lora_fro(at::TensorList Bs, at::TensorList As) {
   return fro_norm(gb, ga);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_svdvals(at::TensorList Bs, at::TensorList As, bool flag_ill) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_svdvals(at::TensorList Bs, at::TensorList As, bool flag_ill,
+                                                            bool with_fro) {
   const at::AutoDispatchBelowADInplaceOrView no_autograd;
   const auto [gb, ga] = lora_gram(Bs, As);  // checks the factors
   const Structure s = structure(Bs, As);
   GG_CHECK_VALUE(s.max_rank <= kSmallMatrixMaxSize, "lora_svdvals: ranks above ", kSmallMatrixMaxSize,
                  " are not supported, got r = ", s.max_rank);
   const int64_t n = gb.size(0);
-  const at::Tensor fro = fro_norm(gb, ga);
+  const at::Tensor fro = with_fro ? fro_norm(gb, ga) : gb.new_empty({0});
   auto none_ill = [&] { return at::zeros({n}, gb.options().dtype(at::kBool)); };
   if (s.max_rank == 0) return {gb.new_zeros({n, 0}), none_ill(), fro};
   const at::Tensor L = psd_factor(gb, s);

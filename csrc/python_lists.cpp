@@ -26,7 +26,7 @@
 namespace gradgeom {
 namespace {
 
-enum LoraOp : int { kFro = 0, kSvdvals = 1, kPrincipalAngles = 2, kGram = 3 };
+enum LoraOp : int { kFro = 0, kSvdvals = 1, kPrincipalAngles = 2, kGram = 3, kSvdvalsNoFro = 4 };
 
 // The tensors of plain torch.Tensor / Parameter objects, borrowed: no reference-count traffic on
 // the tensors themselves (on recent torch a tensor's count going 1 -> 2 -> 1 also moves its Python
@@ -123,10 +123,11 @@ PyObject* call(int op, TensorList Bs, TensorList As, bool flag) {
       static const auto h = typed_op<at::Tensor(TensorList, TensorList)>("gradgeom::lora_fro");
       return without_gil([&] { return h.call(Bs, As); });
     }
-    case kSvdvals: {
+    case kSvdvals:
+    case kSvdvalsNoFro: {
       using Result = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
-      static const auto h = typed_op<Result(TensorList, TensorList, bool)>("gradgeom::lora_svdvals");
-      return without_gil([&] { return h.call(Bs, As, flag); });
+      static const auto h = typed_op<Result(TensorList, TensorList, bool, bool)>("gradgeom::lora_svdvals");
+      return without_gil([&] { return h.call(Bs, As, flag, op == kSvdvals); });
     }
     case kPrincipalAngles: {
       static const auto h = typed_op<at::Tensor(TensorList, TensorList, bool)>("gradgeom::lora_principal_angles");
@@ -137,8 +138,8 @@ PyObject* call(int op, TensorList Bs, TensorList As, bool flag) {
       return without_gil([&] { return h.call(Bs, As); });
     }
     default:
-      TORCH_CHECK_VALUE(false, "_lora_call: op must be 0 (lora_fro), 1 (lora_svdvals), 2 (lora_principal_angles) ",
-                        "or 3 (lora_gram)");
+      TORCH_CHECK_VALUE(false, "_lora_call: op must be 0 (lora_fro), 1 (lora_svdvals), 2 (lora_principal_angles), ",
+                        "3 (lora_gram) or 4 (lora_svdvals without fro)");
   }
 }
 

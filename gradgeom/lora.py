@@ -231,7 +231,7 @@ def _unboxed_svdvals(pairs: Any, method: str) -> Optional[torch.Tensor]:
     :func:`gradgeom.lora_ops.unboxed_call`; None where the general path must run."""
     if method == "qr":
         return None
-    got = lora_ops.unboxed_call(lora_ops.SVDVALS, pairs, flag=method == "auto")
+    got = lora_ops.unboxed_call(lora_ops.SVDVALS_NO_FRO, pairs, flag=method == "auto")
     if got is None:
         return None
     sv, ill, _ = got
@@ -248,7 +248,7 @@ def _is_host_scalar(x: Any) -> bool:
 def _unscaled_svdvals(batch: _Batch, method: str) -> torch.Tensor:
     """σ(B·A) ``[n, R]`` descending zero-padded, float64 on the device, no autograd: one native
     call (:func:`gradgeom.lora_ops.lora_svdvals`), then the exact route where ``method`` asks."""
-    sv, ill, _ = _native(batch, torch.ops.gradgeom.lora_svdvals, method == "auto")
+    sv, ill, _ = _native(batch, torch.ops.gradgeom.lora_svdvals, method == "auto", False)
     _exact_rows(batch.Bs, batch.As, method, sv, ill)
     return sv
 

@@ -24,6 +24,7 @@ __all__ = [
     "GRAM",
     "PRINCIPAL_ANGLES",
     "SVDVALS",
+    "SVDVALS_NO_FRO",
     "gram_fro",
     "lora_cross_gram",
     "lora_fro",
@@ -39,7 +40,7 @@ __all__ = [
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 # Op codes of unboxed_call.
-FRO, SVDVALS, PRINCIPAL_ANGLES, GRAM = 0, 1, 2, 3
+FRO, SVDVALS, PRINCIPAL_ANGLES, GRAM, SVDVALS_NO_FRO = 0, 1, 2, 3, 4
 
 
 def unboxed_call(op: int, first: object, second: object = None, *, flag: bool = False, no_grad: bool = False) -> object:
@@ -55,6 +56,7 @@ def unboxed_call(op: int, first: object, second: object = None, *, flag: bool = 
 
     Args:
         op: :data:`FRO` (lora_fro), :data:`SVDVALS` (lora_svdvals, ``flag`` = flag_ill),
+            :data:`SVDVALS_NO_FRO` (lora_svdvals with ``with_fro=False``),
             :data:`PRINCIPAL_ANGLES` (lora_principal_angles, ``flag`` = flag_ill) or :data:`GRAM`.
         first: a list or tuple of ``(B, A)`` pairs when ``second`` is None, else the B factors.
         second: the A factors, parallel to ``first``, or None.
@@ -199,6 +201,7 @@ def lora_svdvals(
     As: Sequence[torch.Tensor],
     *,
     flag_ill: bool = True,
+    with_fro: bool = True,
     device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Singular values of every Bᵢ·Aᵢ by the Gram route, in one native call (no scaling).
@@ -212,19 +215,20 @@ def lora_svdvals(
     Args:
         Bs, As, device: as :func:`lora_gram`; r_i <= 1024.
         flag_ill: compute the ill-conditioning flags (else they are all False).
+        with_fro: compute ‖Bᵢ·Aᵢ‖_F (else ``fro`` is an empty ``[0]`` tensor; saves one kernel).
 
     Returns:
         ``(sv, ill, fro)`` on the factors' device: float64 ``[n, R]`` (``R = max r_i``) the
         singular values, descending, exactly 0 at and beyond min(d_i, k_i, r_i); bool ``[n]``
         adapters whose smallest singular value the Gram route cannot resolve to ~1 %; float64
-        ``[n]`` ‖Bᵢ·Aᵢ‖_F as :func:`lora_fro`. Not differentiable (:mod:`gradgeom.lora` takes
+        ``[n]`` ‖Bᵢ·Aᵢ‖_F as :func:`lora_fro` (``[0]`` when not ``with_fro``). Not differentiable (:mod:`gradgeom.lora` takes
         its exact QR route when autograd needs gradients).
     """
     Bs, As = _check_factor_lists("lora_svdvals", Bs, As)
     if not Bs:
         return (torch.zeros((0, 0), dtype=torch.float64, device=device), torch.zeros(0, dtype=torch.bool, device=device),
                 torch.zeros(0, dtype=torch.float64, device=device))
-    return torch.ops.gradgeom.lora_svdvals(Bs, As, bool(flag_ill))
+    return torch.ops.gradgeom.lora_svdvals(Bs, As, bool(flag_ill), bool(with_fro))
 
 
 def lora_principal_angles(
@@ -389,12 +393,12 @@ def _lora_fro_fake(Bs, As):
 
 
 @torch.library.register_fake("gradgeom::lora_svdvals")
-def _lora_svdvals_fake(Bs, As, flag_ill):
+def _lora_svdvals_fake(Bs, As, flag_ill, with_fro=True):
     n, R, device = _fake_factor_lists("lora_svdvals", Bs, As)
     return (
         torch.empty((n, R), dtype=torch.float64, device=device),
         torch.empty((n,), dtype=torch.bool, device=device),
-        torch.empty((n,), dtype=torch.float64, device=device),
+        torch.empty((n if with_fro else 0,), dtype=torch.float64, device=device),
     )
 
 

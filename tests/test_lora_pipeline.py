@@ -96,6 +96,16 @@ def test_lora_svdvals_bits_match_python_path(name, flag_ill):
 
 
 @pytest.mark.parametrize("name", CASES)
+def test_lora_svdvals_without_fro(name, device):
+    Bs, As = case(name, device)
+    sv, ill, fro = lora_ops.lora_svdvals(Bs, As, flag_ill=True, with_fro=False)
+    ref = lora_ops.lora_svdvals(Bs, As, flag_ill=True)
+    assert_same_bits(sv, ref[0])
+    assert_same_bits(ill, ref[1])
+    assert fro.shape == (0,) and fro.dtype == torch.float64 and fro.device == sv.device
+
+
+@pytest.mark.parametrize("name", CASES)
 def test_lora_fro_bits_match_python_path(name):
     Bs, As = case(name, "cpu")
     assert_same_bits(lora_ops.lora_fro(Bs, As), python_path(Bs, As, False)[2])
@@ -122,6 +132,7 @@ def test_opcheck(device):
     Bs, As = case("ragged", device)
     for flag_ill in (True, False):
         torch.library.opcheck(torch.ops.gradgeom.lora_svdvals.default, (Bs, As, flag_ill))
+        torch.library.opcheck(torch.ops.gradgeom.lora_svdvals.default, (Bs, As, flag_ill, False))
     torch.library.opcheck(torch.ops.gradgeom.lora_fro.default, (Bs, As))
     Bs, As = case("mixed_fp64", device)
     torch.library.opcheck(torch.ops.gradgeom.lora_svdvals.default, (Bs, As, True))

@@ -42,6 +42,7 @@ def each_op(Bs, As):
     yield lora_ops.GRAM, False, ops.lora_gram(Bs, As)
     for flag in (True, False):
         yield lora_ops.SVDVALS, flag, ops.lora_svdvals(Bs, As, flag)
+        yield lora_ops.SVDVALS_NO_FRO, flag, ops.lora_svdvals(Bs, As, flag, False)
     half = len(Bs) // 2
     B2, A2 = Bs[:half], As[:half]
     B2b = [b + 0.5 * torch.randn_like(b) for b in B2]
