@@ -409,6 +409,36 @@ def test_cuda_eigvals_large(n):
 
 
 @requires_cuda
+@pytest.mark.parametrize("n", [64, 100, 128])
+def test_cuda_eigvals_batch_past_one_wave(n):
+    """Batches larger than one wave of the reduction kernel (at n = 128: one matrix per SM) run
+    as full waves and a tail, with the full waves' bisection on a side stream: the same bits as
+    batches small enough for one launch each, on a side stream too, and no host sync."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    batch = 2 * sms + 37
+    A = sym_batch(batch, n, torch.device("cuda"), "psd_lowrank")
+    A[::3] = sym_batch(A[::3].shape[0], n, torch.device("cuda"), "indefinite")
+    A[5] = float("nan")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        w, _ = lora_ops.sym_eigh(A, vectors=False)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    pieces = torch.cat([lora_ops.sym_eigh(A[i:i + 50], vectors=False)[0] for i in range(0, batch, 50)])
+    assert torch.equal(w.view(torch.int64), pieces.view(torch.int64))
+    assert torch.isnan(w[5]).all()
+    keep = torch.arange(batch) != 5
+    check_eigvals(A[keep], w[keep])
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        w_side, _ = lora_ops.sym_eigh(A, vectors=False)
+    torch.cuda.current_stream().wait_stream(side)
+    assert torch.equal(w_side.view(torch.int64), w.view(torch.int64))
+
+
+@requires_cuda
 def test_cuda_ops_do_not_synchronise():
     Bs = [torch.randn(4096, 16, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
     As = [torch.randn(16, 4096, device="cuda", dtype=torch.bfloat16) for _ in range(4)]

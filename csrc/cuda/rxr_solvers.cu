@@ -4,7 +4,8 @@
 //   64 < n <= 96 packed in shared memory with two threads per row (tridiag_rows.cuh, two
 //   matrices per SM), for 96 < n <= 128 in registers again, a row chunk per thread
 //   (tridiag_regs.cuh, 512 threads, one matrix per SM); the bisection runs in a second launch on
-//   the tridiagonal matrices, where two matrices share an SM. Otherwise one kernel works on the
+//   the tridiagonal matrices, where two matrices share an SM (for the matrices of the reduction's
+//   full waves, on a side stream beside its last partial wave). Otherwise one kernel works on the
 //   packed lower triangle, two barriers per Householder step; shared memory holds the workspace
 //   and as many trailing rows of the packed matrix as fit (all of it up to n = 232 on an H100);
 //   the leading rows of larger matrices live in a global workspace, and they are the first to
@@ -27,7 +28,9 @@
 #include <torch/library.h>
 
 #include <limits>
+#include <mutex>
 #include <tuple>
+#include <vector>
 
 #include "gradgeom/block_ops.h"
 #include "gradgeom/check.h"
@@ -171,25 +174,86 @@ void allow_smem(Kernel kernel, int64_t bytes) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
 }
 
+// Blocks of `kernel` launched with (threads, smem bytes) that fit on the current device at once,
+// cached per kernel, launch shape and device.
+int64_t resident_blocks(const void* kernel, int threads, int64_t smem) {
+  struct Entry {
+    const void* kernel;
+    int threads;
+    int64_t smem;
+    int device;
+    int64_t blocks;
+  };
+  static std::mutex mutex;
+  static std::vector<Entry> cache;
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  const std::lock_guard<std::mutex> lock(mutex);
+  for (const Entry& e : cache)
+    if (e.kernel == kernel && e.threads == threads && e.smem == smem && e.device == device) return e.blocks;
+  int sms = 0, per_sm = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, static_cast<size_t>(smem)));
+  cache.push_back(Entry{kernel, threads, smem, device, int64_t(sms) * per_sm});
+  return cache.back().blocks;
+}
+
+// A CUDA event without timing, destroyed with its scope (the driver releases it once the work
+// that records or waits on it is done).
+struct Event {
+  cudaEvent_t event = nullptr;
+  Event() { C10_CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming)); }
+  ~Event() { C10_CUDA_CHECK_WARN(cudaEventDestroy(event)); }
+  Event(const Event&) = delete;
+  Event& operator=(const Event&) = delete;
+  operator cudaEvent_t() const { return event; }
+};
+
 // The reduction to tridiagonal form by `kernel` (threads, smem bytes; it writes tri and scale),
-// then the bisection.
+// then the bisection. When the reduction takes more than one wave of blocks and the last is
+// partial, it runs as two launches, the full waves and then the tail, and the bisection of the
+// full waves' matrices runs on a side stream beside the tail, on the SMs the tail leaves idle;
+// each matrix goes through the same two kernels either way, so the bits do not change.
 template <typename Kernel>
 void eigvalsh_two_launches(const at::Tensor& a64, at::Tensor& w, Kernel kernel, int threads, int64_t smem) {
   const int64_t batch = a64.size(0);
   const int n = static_cast<int>(a64.size(1));
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const c10::cuda::CUDAStream main = c10::cuda::getCurrentCUDAStream();
   at::Tensor tri = at::empty({batch, 3 * n}, a64.options());
   at::Tensor scale = at::empty({batch}, a64.options().dtype(at::kInt));
   allow_smem(kernel, smem);
-  kernel<<<static_cast<unsigned>(batch), threads, static_cast<size_t>(smem), stream>>>(
-      a64.data_ptr<double>(), n, tri.data_ptr<double>(), scale.data_ptr<int>(), w.data_ptr<double>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   constexpr int kBisectThreads = 128;  // one lane per eigenvalue at n = 128: 147 against 155 us for 256 (H100)
   const int64_t bisect_smem = tridiag::workspace_doubles(n) * int64_t(sizeof(double)) +
                               tridiag::grid_points(n, kBisectThreads) * int64_t(sizeof(int));
-  tridiag_bisect_kernel<<<static_cast<unsigned>(batch), kBisectThreads, static_cast<size_t>(bisect_smem), stream>>>(
-      tri.data_ptr<double>(), scale.data_ptr<int>(), n, w.data_ptr<double>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  auto reduce = [&](int64_t first, int64_t count) {
+    kernel<<<static_cast<unsigned>(count), threads, static_cast<size_t>(smem), main.stream()>>>(
+        a64.data_ptr<double>() + first * n * n, n, tri.data_ptr<double>() + first * 3 * n,
+        scale.data_ptr<int>() + first, w.data_ptr<double>() + first * n);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  auto bisect = [&](int64_t first, int64_t count, cudaStream_t stream) {
+    tridiag_bisect_kernel<<<static_cast<unsigned>(count), kBisectThreads, static_cast<size_t>(bisect_smem), stream>>>(
+        tri.data_ptr<double>() + first * 3 * n, scale.data_ptr<int>() + first, n, w.data_ptr<double>() + first * n);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  const int64_t wave = resident_blocks(reinterpret_cast<const void*>(kernel), threads, smem);
+  const int64_t tail = wave > 0 ? batch % wave : 0;
+  if (batch <= wave || tail == 0) {
+    reduce(0, batch);
+    bisect(0, batch, main.stream());
+    return;
+  }
+  const int64_t head = batch - tail;
+  const Event reduced, bisected;
+  const c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool(/*isHighPriority=*/false, main.device_index());
+  reduce(0, head);
+  C10_CUDA_CHECK(cudaEventRecord(reduced, main.stream()));
+  reduce(head, tail);  // queued first, so that it takes its SMs before the side stream's blocks
+  C10_CUDA_CHECK(cudaStreamWaitEvent(side.stream(), reduced, 0));
+  bisect(0, head, side.stream());
+  C10_CUDA_CHECK(cudaEventRecord(bisected, side.stream()));
+  bisect(head, tail, main.stream());
+  C10_CUDA_CHECK(cudaStreamWaitEvent(main.stream(), bisected, 0));  // tri, scale and w are freed on main
 }
 
 void eigvalsh_cuda(const at::Tensor& a64, at::Tensor& w) {
