@@ -335,19 +335,30 @@ def _psd_cholesky_fake(A, tol):
     return A.new_empty(A.shape, dtype=torch.float64)
 
 
+def _fake_pairs(op: str, names: tuple[str, str], first, second, cross: bool):
+    """(n, R, device) of two checked parallel lists of 2-D factors, for the fake implementations:
+    LoRA factors B ``[d, r]`` / A ``[r, k]`` (R = max r) or, with ``cross``, cross-Gram pairs
+    ``[d, p]`` / ``[d, q]`` (R = max(p, q))."""
+    a, b = names
+    torch._check(len(first) == len(second), lambda: f"{op}: {a} and {b} must have the same length")
+    unit = "pair" if cross else "adapter"
+    R = 0
+    for i, (x, y) in enumerate(zip(first, second)):
+        torch._check(x.dim() == 2 and y.dim() == 2, lambda: f"{op}: {a}[{i}] and {b}[{i}] must be 2-D")
+        if cross:
+            torch._check(x.shape[0] == y.shape[0], lambda: f"{op}: pair {i}: the factors must have the same number of rows d")
+        else:
+            torch._check(x.shape[1] == y.shape[0], lambda: f"{op}: inner dimension r differs for adapter {i}")
+        if x.device != first[0].device or y.device != first[0].device:
+            raise ValueError(f"{op}: all factors must be on one device: {unit} {i} is on {x.device}/{y.device} "
+                             f"but {a}[0] is on {first[0].device}")
+        R = torch.sym_max(R, torch.sym_max(x.shape[1], y.shape[1]) if cross else x.shape[1])
+    return len(first), R, (first[0].device if first else torch.device("cpu"))
+
+
 def _fake_factor_lists(op: str, Bs, As):
     """(n, R = max r_i, device) of checked factor lists, for the fake implementations."""
-    torch._check(len(Bs) == len(As), lambda: f"{op}: Bs and As must have the same length")
-    n = len(Bs)
-    R = 0
-    for i, (B, A) in enumerate(zip(Bs, As)):
-        torch._check(B.dim() == 2 and A.dim() == 2, lambda: f"{op}: Bs[{i}] and As[{i}] must be 2-D")
-        torch._check(B.shape[1] == A.shape[0], lambda: f"{op}: inner dimension r differs for adapter {i}")
-        if B.device != Bs[0].device or A.device != Bs[0].device:
-            raise ValueError(f"{op}: all factors must be on one device: adapter {i} is on {B.device}/{A.device} "
-                             f"but Bs[0] is on {Bs[0].device}")
-        R = torch.sym_max(R, B.shape[1])
-    return n, R, (Bs[0].device if n else torch.device("cpu"))
+    return _fake_pairs(op, ("Bs", "As"), Bs, As, cross=False)
 
 
 @torch.library.register_fake("gradgeom::lora_gram")
@@ -371,18 +382,7 @@ def _gram_fro_fake(gb, ga):
 
 @torch.library.register_fake("gradgeom::lora_cross_gram")
 def _lora_cross_gram_fake(B1s, B2s):
-    torch._check(len(B1s) == len(B2s), lambda: "lora_cross_gram: B1s and B2s must have the same length")
-    n = len(B1s)
-    R = 0
-    for i, (x, y) in enumerate(zip(B1s, B2s)):
-        torch._check(x.dim() == 2 and y.dim() == 2, lambda: f"lora_cross_gram: B1s[{i}] and B2s[{i}] must be 2-D")
-        torch._check(x.shape[0] == y.shape[0],
-                     lambda: f"lora_cross_gram: pair {i}: the factors must have the same number of rows d")
-        if x.device != B1s[0].device or y.device != B1s[0].device:
-            raise ValueError(f"lora_cross_gram: all factors must be on one device: pair {i} is on {x.device}/{y.device} "
-                             f"but B1s[0] is on {B1s[0].device}")
-        R = torch.sym_max(R, torch.sym_max(x.shape[1], y.shape[1]))
-    device = B1s[0].device if n else torch.device("cpu")
+    n, R, device = _fake_pairs("lora_cross_gram", ("B1s", "B2s"), B1s, B2s, cross=True)
     return torch.empty((n, R, R), dtype=torch.float64, device=device)
 
 

@@ -168,21 +168,14 @@ int64_t smem_budget(const at::Tensor& A) {
   return optin - 1024;
 }
 
-template <typename Kernel>
-void allow_smem(Kernel kernel, int64_t bytes) {
-  if (bytes > 48 * 1024)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
-}
-
-// Blocks of `kernel` launched with (threads, smem bytes) that fit on the current device at once,
-// cached per kernel, launch shape and device.
-int64_t resident_blocks(const void* kernel, int threads, int64_t smem) {
+// A fact about `kernel` on the current device that costs a driver call, for the key (a, b):
+// make(device) runs once per kernel, key and device; each call site (Make type) has its cache.
+template <typename Make>
+int64_t kernel_fact(const void* kernel, int64_t a, int64_t b, Make make) {
   struct Entry {
     const void* kernel;
-    int threads;
-    int64_t smem;
     int device;
-    int64_t blocks;
+    int64_t a, b, value;
   };
   static std::mutex mutex;
   static std::vector<Entry> cache;
@@ -190,12 +183,36 @@ int64_t resident_blocks(const void* kernel, int threads, int64_t smem) {
   C10_CUDA_CHECK(cudaGetDevice(&device));
   const std::lock_guard<std::mutex> lock(mutex);
   for (const Entry& e : cache)
-    if (e.kernel == kernel && e.threads == threads && e.smem == smem && e.device == device) return e.blocks;
-  int sms = 0, per_sm = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, static_cast<size_t>(smem)));
-  cache.push_back(Entry{kernel, threads, smem, device, int64_t(sms) * per_sm});
-  return cache.back().blocks;
+    if (e.kernel == kernel && e.device == device && e.a == a && e.b == b) return e.value;
+  cache.push_back(Entry{kernel, device, a, b, make(device)});
+  return cache.back().value;
+}
+
+// Lets `kernel` launch with `bytes` of dynamic shared memory: above the default 48 KB, its limit
+// is raised to all the device's opt-in shared memory less the kernel's static shared memory, once
+// per kernel and device (the driver calls cost ~5 us of host time).
+template <typename Kernel>
+void allow_smem(Kernel kernel, int64_t bytes) {
+  if (bytes <= 48 * 1024) return;
+  kernel_fact(reinterpret_cast<const void*>(kernel), 0, 0, [&](int device) {
+    int optin = 0;
+    cudaFuncAttributes attrs{};
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attrs, kernel));
+    const int limit = optin - static_cast<int>(attrs.sharedSizeBytes);
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, limit));
+    return int64_t(limit);
+  });
+}
+
+// Blocks of `kernel` launched with (threads, smem bytes) that fit on the current device at once.
+int64_t resident_blocks(const void* kernel, int threads, int64_t smem) {
+  return kernel_fact(kernel, threads, smem, [&](int device) {
+    int sms = 0, per_sm = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, static_cast<size_t>(smem)));
+    return int64_t(sms) * per_sm;
+  });
 }
 
 // A CUDA event without timing, destroyed with its scope (the driver releases it once the work

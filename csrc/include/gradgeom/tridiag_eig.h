@@ -116,19 +116,26 @@ GG_BLOCK_FN double section(double lo, double width, int t, double inv_parts) {
   return lo + width * (static_cast<double>(t) * inv_parts);
 }
 
-// Step 1's early exit, shared by every Householder kernel: for a matrix whose largest |entry| is
-// amax (+Inf when one is not finite), true when it is non-finite, zero or 1 x 1, with this
-// thread's share of its eigenvalues written to w (NaN, zeros, or a00 for a finite 1 x 1 matrix).
-GG_BLOCK_FN bool trivial_eigenvalues(double amax, int n, double a00, double* w, int tid, int nthreads) {
-  if (amax < INFINITY && amax != 0.0 && n != 1) return false;
+// The scale exponent that says step 1 has written every eigenvalue.
+constexpr int kDone = -(1 << 30);
+
+// Step 1's opening, shared by every Householder kernel, for a matrix whose largest |entry| is
+// amax (+Inf when one is not finite): kDone when it is non-finite, zero or 1 x 1, with this
+// thread's share of its eigenvalues written to w (NaN, zeros, or a00 for a finite 1 x 1 matrix);
+// else the binary exponent e of amax (frexp), so that 2^-e scales max |a_ij| into [0.5, 1).
+GG_BLOCK_FN int scale_exponent(double amax, int n, double a00, double* w, int tid, int nthreads) {
+  if (amax < INFINITY && amax != 0.0 && n != 1) {
+    int e = 0;
+    frexp(amax, &e);
+    return e;
+  }
   const double fill = !(amax < INFINITY) ? std::numeric_limits<double>::quiet_NaN() : (n == 1 ? a00 : 0.0);
   for (int j = tid; j < n; j += nthreads) w[j] = fill;
-  return true;
+  return kDone;
 }
 
 // Workspace layout (doubles of `work`): col0, col1, p, d, e, e2 (n each), then the per-warp
 // partials sig_part and dot_part (kMaxWarps each).
-constexpr int kDone = -(1 << 30);
 
 // Step 1: scans `a`; if it is non-finite, zero or 1 x 1, writes w and returns kDone; else scales
 // it by 2^-e in place, leaves its column 0 and the per-warp partials of that column's squared norm
@@ -155,9 +162,8 @@ GG_BLOCK_FN int scale(block::PackedLower a, int n, double* work, double* w, int 
   sync();
   amax = 0.0;
   for (int q = 0; q < nwarps; ++q) amax = fmax(amax, dot_part[q]);
-  if (trivial_eigenvalues(amax, n, a.row(0)[0], w, tid, nthreads)) return kDone;
-  int scale_exp = 0;
-  frexp(amax, &scale_exp);
+  const int scale_exp = scale_exponent(amax, n, a.row(0)[0], w, tid, nthreads);
+  if (scale_exp == kDone) return kDone;
   double acc = 0.0;
   for (int i = warp; i < n; i += nwarps) {
     double* r = a.row(i);

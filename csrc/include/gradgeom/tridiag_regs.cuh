@@ -116,12 +116,11 @@ __device__ void tridiag_regs(const double* src, int n, double* smem, double* tri
 
   for (int i = tid; i < kRegsMaxN; i += kRegsThreads) col[i] = 0.0;  // rows no warp copies stay 0
   const double amax = block::load_packed_lower_max<kRegsThreads>(src, n, P, amax_part, tid);
-  if (trivial_eigenvalues(amax, n, P[0], w, tid, kRegsThreads)) {
+  const int scale_exp = scale_exponent(amax, n, P[0], w, tid, kRegsThreads);
+  if (scale_exp == kDone) {
     if (tid == 0) *scale = kDone;
     return;
   }
-  int scale_exp = 0;
-  frexp(amax, &scale_exp);
 
   double a[kRegsCols];
 #pragma unroll

@@ -56,12 +56,11 @@ __device__ void tridiag_rows(const double* src, int n, double* smem, double* tri
 
   // The lower triangle and its largest |entry| (+Inf for a non-finite one).
   const double amax = block::load_packed_lower_max<kRowsThreads>(src, n, A, amax_part, tid);
-  if (trivial_eigenvalues(amax, n, A[0], w, tid, kRowsThreads)) {
+  const int scale_exp = scale_exponent(amax, n, A[0], w, tid, kRowsThreads);
+  if (scale_exp == kDone) {
     if (tid == 0) *scale = kDone;
     return;
   }
-  int scale_exp = 0;
-  frexp(amax, &scale_exp);
   const int packed = n * (n + 1) / 2;
   for (int q = tid; q < packed; q += kRowsThreads) A[q] = ldexp(A[q], -scale_exp);
   __syncthreads();

@@ -92,9 +92,8 @@ __device__ int scale_tile(M& A, int n, TileWork<M> ws, double* w, int tid) {
   amax = 0.0;
   for (int q = 0; q < kWarps; ++q) amax = fmax(amax, dot_part[q]);
   // Entry (0, 0) is thread 0's x[0][0], the one thread that writes w[0].
-  if (trivial_eigenvalues(amax, n, A.x[0][0], w, tid, M::kThreads)) return kDone;
-  int scale_exp = 0;
-  frexp(amax, &scale_exp);
+  const int scale_exp = scale_exponent(amax, n, A.x[0][0], w, tid, M::kThreads);
+  if (scale_exp == kDone) return kDone;
   double acc = 0.0;
 #pragma unroll
   for (int a = 0; a < M::RI; ++a)
