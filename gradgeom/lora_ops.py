@@ -73,19 +73,31 @@ def unboxed_call(op: int, first: object, second: object = None, *, flag: bool = 
         return None
 
 
+def _parallel_lists(op: str, names: tuple[str, str], first: Sequence, second: Sequence, counts: str = "{} and {}") -> tuple[list, list]:
+    """Two sequences as lists: each must be a list or tuple (TypeError) and both of one length
+    (ValueError, ``counts`` formatting the two lengths); messages name ``op``."""
+    for name, seq in zip(names, (first, second)):
+        if isinstance(seq, torch.Tensor) or not isinstance(seq, (list, tuple)):
+            raise TypeError(f"{op}: {name} must be a list or tuple of tensors, got {type(seq).__name__}")
+    first, second = list(first), list(second)
+    if len(first) != len(second):
+        raise ValueError(f"{op}: {names[0]} and {names[1]} must have the same length, got "
+                         + counts.format(len(first), len(second)))
+    return first, second
+
+
+def _check_tensor(op: str, name: str, i: int, t: object) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
+
+
 def _check_factor_lists(op: str, Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor]) -> tuple[list, list]:
     """The factor sequences as lists, checked with messages that name ``op`` (the native ops
     check the same, under the name lora_gram)."""
-    for name, seq in (("Bs", Bs), ("As", As)):
-        if isinstance(seq, torch.Tensor) or not isinstance(seq, (list, tuple)):
-            raise TypeError(f"{op}: {name} must be a list or tuple of tensors, got {type(seq).__name__}")
-    Bs, As = list(Bs), list(As)
-    if len(Bs) != len(As):
-        raise ValueError(f"{op}: Bs and As must have the same length, got {len(Bs)} B factors and {len(As)} A factors")
+    Bs, As = _parallel_lists(op, ("Bs", "As"), Bs, As, "{} B factors and {} A factors")
     for i, (B, A) in enumerate(zip(Bs, As)):
         for name, t, want in (("Bs", B, "[d, r]"), ("As", A, "[r, k]")):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{op}: {name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
+            _check_tensor(op, name, i, t)
             if t.dim() != 2:
                 raise ValueError(f"{op}: {name}[{i}] must be 2-D {want}, got shape {tuple(t.shape)}")
             if t.dtype not in _FLOAT_DTYPES:
@@ -165,17 +177,13 @@ def lora_cross_gram(
         and products and sums are float64 (on the CPU an ATen matmul; on CUDA one kernel that may
         sum in another order, ~1e-16 relative). Never synchronises with the GPU.
     """
+    B1s, B2s = _parallel_lists("lora_cross_gram", ("B1s", "B2s"), B1s, B2s)
     for name, seq in (("B1s", B1s), ("B2s", B2s)):
-        if isinstance(seq, torch.Tensor) or not isinstance(seq, (list, tuple)):
-            raise TypeError(f"lora_cross_gram: {name} must be a list or tuple of tensors, got {type(seq).__name__}")
         for i, t in enumerate(seq):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"lora_cross_gram: {name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
-    if len(B1s) != len(B2s):
-        raise ValueError(f"lora_cross_gram: B1s and B2s must have the same length, got {len(B1s)} and {len(B2s)}")
+            _check_tensor("lora_cross_gram", name, i, t)
     if not B1s:
         return torch.zeros((0, 0, 0), dtype=torch.float64, device=device)
-    return torch.ops.gradgeom.lora_cross_gram(list(B1s), list(B2s))
+    return torch.ops.gradgeom.lora_cross_gram(B1s, B2s)
 
 
 def lora_fro(
