@@ -50,7 +50,7 @@ TORCH_LIBRARY(gradgeom, m) {
   // Bs, As as lora_gram, R = max r_i <= 1024. The Gram route of gradgeom.lora in one call:
   // returns (float64 [n, R] singular values of B_i·A_i (no scaling), descending, exactly 0 at and
   // beyond min(d_i, k_i, r_i); bool [n] adapters the Gram route cannot resolve (all false unless
-  // flag_ill); float64 [n] ‖B_i·A_i‖_F).
+  // flag_ill); float64 [n] ‖B_i·A_i‖_F, or [0] when not with_fro).
   m.def("lora_svdvals(Tensor[] Bs, Tensor[] As, bool flag_ill, bool with_fro=True) -> (Tensor, Tensor, Tensor)");
   // The Gram route's tolerances (lora_tolerances.h): [chol fp32, chol fp64, cond fp32, cond fp64].
   // Bs/As: the first adapters' factors, then the second's (2n of each, as lora_gram takes them).

@@ -229,8 +229,9 @@ def lora_svdvals(
         ``(sv, ill, fro)`` on the factors' device: float64 ``[n, R]`` (``R = max r_i``) the
         singular values, descending, exactly 0 at and beyond min(d_i, k_i, r_i); bool ``[n]``
         adapters whose smallest singular value the Gram route cannot resolve to ~1 %; float64
-        ``[n]`` ‖Bᵢ·Aᵢ‖_F as :func:`lora_fro` (``[0]`` when not ``with_fro``). Not differentiable (:mod:`gradgeom.lora` takes
-        its exact QR route when autograd needs gradients).
+        ``[n]`` ‖Bᵢ·Aᵢ‖_F as :func:`lora_fro` (``[0]`` when not ``with_fro``). Not
+        differentiable (:mod:`gradgeom.lora` takes its exact QR route when autograd needs
+        gradients).
     """
     Bs, As = _check_factor_lists("lora_svdvals", Bs, As)
     if not Bs:

@@ -16,10 +16,10 @@
 //    p_i = (d_i - x)·p_{i-1} - e_{i-1}²·p_{i-2} (no division on the dependent path), both minors
 //    rescaled every fourth step by a power of two taken from the minors two steps earlier; e² is
 //    first raised to at least 2^-200 (like dstebz's pivmin, a perturbation far below ulp·‖T‖),
-//    which leaves no zero minor to special-case (see kMinE2). Each thread evaluates kPoints shifts at once. One pass of
-//    max(n, kPoints·nthreads) counts at evenly spaced points gives each index its start interval;
-//    then groups of g lanes (g <= 4 with g·n <= nthreads) refine one index each, g·kPoints points
-//    per round. No barriers; every loop is bounded.
+//    which leaves no zero minor to special-case (see kMinE2). Each thread evaluates kPoints shifts
+//    at once. One pass of max(n, kPoints·nthreads) counts at evenly spaced points gives each index
+//    its start interval; then groups of g lanes (g <= 4 with g·n <= nthreads) refine one index
+//    each, g·kPoints points per round. No barriers; every loop is bounded.
 // Error: about n·ulp·‖A‖ absolute, like LAPACK's dsyevd (small eigenvalues of a positive definite
 // A are not relatively accurate, unlike Jacobi's).
 #pragma once
