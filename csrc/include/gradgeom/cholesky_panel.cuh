@@ -6,16 +6,20 @@
 // The unblocked kernel updates the whole Schur complement after every column. Here a column only
 // touches its own column, and the trailing matrix is updated once per panel of kPanel columns:
 //  * Rows and columns are kept in pivot order: step j swaps positions j and q (the pivot's)
-//    symmetrically, so the Schur complement is positions [j, n).
-//  * Thread t holds position t: the Schur complement's diagonal there (d_t -= l_t² each step) and
-//    its original row. Each step: the warps' best candidates (larger d, then smaller original
-//    row), one barrier, the swap, one barrier, and column j: a_tj - Σ_{c < j - j0} L[t][c]·L[j][c]
-//    over the panel's earlier columns (the matrix is current up to the panel start j0), scaled
-//    by 1/√d_j.
+//    symmetrically, so the Schur complement is positions [j, n). The panel's columns L are kept
+//    by original row, so the swap never moves them.
+//  * Thread t holds position t: the Schur complement's diagonal there and its original row.
+//  * One block barrier a step. Before it, each warp publishes its best candidate (larger d, then
+//    smaller original row) as one 16-byte record. After it, every thread reduces the four records
+//    to the same pivot, swaps the one pair of A that holds its own A[t, j] (no other thread reads
+//    that pair in the step), and forms column j: a_tj - Σ_{c < j - j0} L[t][c]·L[j][c] over the
+//    panel's earlier columns (the matrix is current up to the panel start j0), scaled by 1/√d_j.
 //  * The trailing update subtracts the panel's columns in order, one fma each: the sequence the
 //    unblocked kernel applies to every entry.
-// Measured on an H100 (224 matrices, bench/micro/rxr_micro.cu): n = 128 in 155 µs against
-// 361 µs for the register-tile kernel it replaced (which needed a whole SM per matrix).
+// Measured on an H100 (224 SPD matrices of n = 128, the previous version timed beside it; both
+// give the same F bit for bit): 139 µs, against 160 µs with two barriers a step, the candidates
+// reduced field by field and the whole matrix loaded eight doubles at a time; 361 µs for the
+// register-tile kernel before that (a whole SM per matrix). bench/micro/rxr_micro.cu times it.
 #pragma once
 
 #include <cmath>
@@ -45,39 +49,33 @@ constexpr int kPanelLd = kPanel + 2;  // row stride of the panel's columns (16-b
 
 // Shared memory factor_panel needs, in bytes: two blocks per SM up to n = 128 on an H100.
 __host__ __device__ constexpr int64_t panel_smem_bytes(int n) {
-  return (block::packed_doubles_even(n) + int64_t(n) * kPanelLd + n + 2 * (kPanelThreads / 32)) * int64_t(sizeof(double)) +
-         (int64_t(n) + 4 * (kPanelThreads / 32)) * int64_t(sizeof(int));
+  return (block::packed_doubles_even(n) + int64_t(n) * kPanelLd + 2 * int64_t(n)) * int64_t(sizeof(double)) +
+         2 * (kPanelThreads / 32) * int64_t(sizeof(uint4)) + 3 * int64_t(n) * int64_t(sizeof(int));
 }
 
-// The best (larger value, then smaller key row; row -1: none) over the warp; the position comes
-// from the lane holding the winner.
-__device__ __forceinline__ Pivot warp_best_pos(Pivot c) {
-  const unsigned long long key = c.row >= 0 ? ordered_key(c.value) : 0ull;
-  const unsigned hi = __reduce_max_sync(0xffffffffu, static_cast<unsigned>(key >> 32));
-  const unsigned lo =
-      __reduce_max_sync(0xffffffffu, static_cast<unsigned>(key >> 32) == hi ? static_cast<unsigned>(key) : 0u);
-  const unsigned long long best = (static_cast<unsigned long long>(hi) << 32) | lo;
-  const int best_row = __reduce_min_sync(0xffffffffu, (c.row >= 0 && key == best) ? c.row : 0x7fffffff);
-  const unsigned holder = __ballot_sync(0xffffffffu, c.row == best_row && c.row >= 0);
-  const int pos = __shfl_sync(0xffffffffu, c.pos, holder ? __ffs(holder) - 1 : 0);
-  if (best_row == 0x7fffffff) return Pivot{0.0, -1, -1};
-  return Pivot{from_ordered_key(best), best_row, pos};
+// Whether candidate record a (key lo, key hi, original row, position) beats b: the larger key,
+// then the smaller row. "None" has key 0, below every diagonal value.
+__device__ __forceinline__ bool record_better(uint4 a, uint4 b) {
+  const unsigned long long ka = (static_cast<unsigned long long>(a.y) << 32) | a.x;
+  const unsigned long long kb = (static_cast<unsigned long long>(b.y) << 32) | b.x;
+  return ka > kb || (ka == kb && static_cast<int>(a.z) < static_cast<int>(b.z));
 }
 
 // F (row-major n x n, global) of the n x n matrix whose lower triangle is in the row-major src,
-// n <= kPanelMaxN, blockDim.x == kPanelThreads. smem: panel_smem_bytes(n) bytes.
+// n <= kPanelMaxN, blockDim.x == kPanelThreads. smem: panel_smem_bytes(n) bytes, 16-byte aligned.
 __device__ void factor_panel(const double* src, int n, double tol, double* F, double* smem) {
   constexpr int NW = kPanelThreads / 32;
   const int t = threadIdx.x, lane = t & 31, warp = t >> 5;
   double* A = smem;                                // packed lower triangle, positions in pivot order
-  double* L = A + block::packed_doubles_even(n);  // [n][kPanelLd]: the panel's columns
-  double* pub_dg = L + int64_t(n) * kPanelLd;      // [n]: the diagonal, published each step
-  double* cand_value = pub_dg + n;                 // [2][NW]
-  int* pub_perm = reinterpret_cast<int*>(cand_value + 2 * NW);  // [n]
-  int* cand_row = pub_perm + n;                                  // [2][NW]
-  int* cand_pos = cand_row + 2 * NW;                             // [2][NW]
+  double* L = A + block::packed_doubles_even(n);  // [n][kPanelLd]: the panel's columns, by original row
+  double* pub_dg = L + int64_t(n) * kPanelLd;      // [2][n]: the diagonal by position, published each step
+  uint4* cand_rec = reinterpret_cast<uint4*>(pub_dg + 2 * n);  // [2][NW]: key lo, key hi, row, position
+  double* cand_value = reinterpret_cast<double*>(cand_rec);     // [NW], before the steps: the diagonal scan
+  int* cand_row = reinterpret_cast<int*>(cand_value + NW);       // [NW], the same
+  int* pub_perm = reinterpret_cast<int*>(cand_rec + 2 * NW);    // [2][n]: the original row by position
+  int* row_at = pub_perm + 2 * n;                               // [n]: the same at the panel's end
 
-  block::load_packed_lower<kPanelThreads>(src, n, A, t);
+  block::copy_lower_async(src, n, A, t, kPanelThreads);
   // Thread t holds position t: the Schur complement's diagonal there and its original row.
   const bool mine = t < n;
   double dg = mine ? src[int64_t(t) * n + t] : 0.0;
@@ -92,7 +90,8 @@ __device__ void factor_panel(const double* src, int n, double tol, double* F, do
       cand_row[warp] = any_bad;
     }
   }
-  __syncthreads();
+  block::copy_async_wait();
+  __syncthreads();  // the diagonal scan's partials and the copied triangle
   bool nan = false;
   double dmax = 0.0;
   for (int w = 0; w < NW; ++w) {
@@ -111,30 +110,48 @@ __device__ void factor_panel(const double* src, int n, double tol, double* F, do
     const int jend = j0 + kPanel < n ? j0 + kPanel : n;
     for (int j = j0; j < jend; ++j) {
       const int c = j - j0;
-      const int slot = (j & 1) * NW;  // double-buffered: a warp one step ahead writes the other half
-      const Pivot wb = warp_best_pos((t >= j && mine) ? Pivot{dg, perm, t} : Pivot{0.0, -1, -1});
-      if (lane == 0) {
-        cand_value[slot + warp] = wb.value;
-        cand_row[slot + warp] = wb.row;
-        cand_pos[slot + warp] = wb.pos;
-      }
+      // Double-buffered: a thread one step ahead writes the other half.
+      const int slot = (j & 1) * NW;
+      double* dg_now = pub_dg + (j & 1) * n;
+      int* perm_now = pub_perm + (j & 1) * n;
+      // The warp's candidate (larger key, then smaller original row), as one 16-byte record
+      // written by the lane holding it (lane 0 writes "none": key 0).
+      const bool cand = t >= j && mine;
+      const unsigned long long key = cand ? ordered_key(dg) : 0ull;
+      const unsigned hi = __reduce_max_sync(0xffffffffu, static_cast<unsigned>(key >> 32));
+      const unsigned lo =
+          __reduce_max_sync(0xffffffffu, static_cast<unsigned>(key >> 32) == hi ? static_cast<unsigned>(key) : 0u);
+      const bool top = cand && key == ((static_cast<unsigned long long>(hi) << 32) | lo);
+      const int best_row = __reduce_min_sync(0xffffffffu, top ? perm : 0x7fffffff);
+      const bool holder = top && perm == best_row;
+      if (holder || (best_row == 0x7fffffff && lane == 0))
+        cand_rec[slot + warp] = make_uint4(lo, hi, static_cast<unsigned>(best_row), static_cast<unsigned>(t));
       if (mine) {
-        pub_dg[t] = dg;
-        pub_perm[t] = perm;
+        dg_now[t] = dg;
+        perm_now[t] = perm;
       }
-      __syncthreads();
-      Pivot piv{0.0, -1, -1};
-      for (int w = 0; w < NW; ++w) piv.take_better(cand_value[slot + w], cand_row[slot + w], cand_pos[slot + w]);
+      __syncthreads();  // the step's only barrier
+      // The block's pivot: the best of the four records, read at once, by a branch-free tree.
+      // The order is take_better's (psd_cholesky.h) wherever the pivot is above drop: only ±0 differ.
+      uint4 rec[NW];
+#pragma unroll
+      for (int w = 0; w < NW; ++w) rec[w] = cand_rec[slot + w];
+      const uint4 best = record_better(rec[1], rec[0]) ? rec[1] : rec[0];
+      const uint4 best2 = record_better(rec[3], rec[2]) ? rec[3] : rec[2];
+      const uint4 top_rec = record_better(best2, best) ? best2 : best;
+      const unsigned long long top_key = (static_cast<unsigned long long>(top_rec.y) << 32) | top_rec.x;
+      const Pivot piv{top_key ? from_ordered_key(top_key) : 0.0, top_key ? static_cast<int>(top_rec.z) : -1,
+                      static_cast<int>(top_rec.w)};
       if (piv.row < 0 || !(piv.value > drop)) {  // uniform: every thread holds the same pivot
         stop = true;
         break;
       }
       const int q = piv.pos;
-      const double d = sqrt(piv.value);
-      const double inv_d = 1.0 / d;
       if (q != j) {
         // Swap positions j < q in the trailing lower triangle (LAPACK dpstf2): column j below j
-        // up to q with row q, column j below q with column q; (q, j) stays. Thread t: one pair.
+        // up to q with row q, column j below q with column q; (q, j) stays. Thread t swaps one
+        // pair, which holds its own A[t, j]: no other thread reads the pair this step, so no
+        // barrier follows. L is kept by original row and needs no swap.
         int x = -1, y = -1;
         if (t > j && t < q) {
           x = block::packed_at(t, j);
@@ -151,55 +168,59 @@ __device__ void factor_panel(const double* src, int n, double tol, double* F, do
           A[x] = b;
           A[y] = a;
         }
-        if (t < c) {
-          const double a = L[q * kPanelLd + t], b = L[j * kPanelLd + t];
-          L[q * kPanelLd + t] = b;
-          L[j * kPanelLd + t] = a;
-        }
         if (t == q) {
-          dg = pub_dg[j];
-          perm = pub_perm[j];
+          dg = dg_now[j];
+          perm = perm_now[j];
         } else if (t == j) {
           dg = piv.value;
           perm = piv.row;
         }
-        __syncthreads();
       }
+      const double d = sqrt(piv.value);
+      const double inv_d = 1.0 / d;
       // Column j below the diagonal; the pivot row gets d.
       if (t > j && mine) {
-        const double* lt = L + t * kPanelLd;
-        const double* lj = L + j * kPanelLd;
+        const double* lt = L + perm * kPanelLd;
+        const double* lj = L + piv.row * kPanelLd;
         double v = A[block::packed_at(t, j)];
-        for (int cc = 0; cc < c; ++cc) v = fma(-lt[cc], lj[cc], v);
+#pragma unroll
+        for (int cc = 0; cc < kPanel - 1; ++cc)  // unrolled and predicated: one basic block
+          if (cc < c) v = fma(-lt[cc], lj[cc], v);
         const double l = v * inv_d;
-        L[t * kPanelLd + c] = l;
+        L[perm * kPanelLd + c] = l;
         dg = fma(-l, l, dg);
         F[int64_t(perm) * n + j] = l;
       } else if (t == j) {
-        L[j * kPanelLd + c] = d;
-        F[int64_t(perm) * n + j] = d;
+        L[piv.row * kPanelLd + c] = d;
+        F[int64_t(piv.row) * n + j] = d;
       }
     }
     if (stop) break;  // uniform; no trailing update after the last pivot
-    __syncthreads();  // the panel's columns
+    if (mine) row_at[t] = perm;
+    __syncthreads();  // the panel's columns and row_at
     const int done = jend;
     if (done >= n) break;
     // Trailing update of the lower triangle: positions [done, n), the panel's columns in order.
     if (t < n - done) {  // thread: one row; the columns' panel rows are broadcast
       const int r_pos = done + t;
       double lt[kPanel];
+      const double* lr = L + row_at[r_pos] * kPanelLd;
 #pragma unroll
-      for (int cc = 0; cc < kPanel; ++cc) lt[cc] = L[r_pos * kPanelLd + cc];
+      for (int cc = 0; cc < kPanel; ++cc) lt[cc] = lr[cc];
       double* r = A + block::packed_at(r_pos, 0);
       for (int k = done; k <= r_pos; k += 4) {  // four entries loaded before their updates
         double a[4];
+        const double2* lk[4];
 #pragma unroll
-        for (int u = 0; u < 4; ++u) a[u] = r[min(k + u, r_pos)];
+        for (int u = 0; u < 4; ++u) {
+          a[u] = r[min(k + u, r_pos)];
+          lk[u] = reinterpret_cast<const double2*>(L + row_at[min(k + u, r_pos)] * kPanelLd);
+        }
 #pragma unroll
         for (int cc = 0; cc < kPanel / 2; ++cc) {
 #pragma unroll
           for (int u = 0; u < 4; ++u) {
-            const double2 l2 = reinterpret_cast<const double2*>(L + min(k + u, r_pos) * kPanelLd)[cc];
+            const double2 l2 = lk[u][cc];
             a[u] = fma(-lt[2 * cc], l2.x, a[u]);
             a[u] = fma(-lt[2 * cc + 1], l2.y, a[u]);
           }

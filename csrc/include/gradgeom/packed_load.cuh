@@ -18,6 +18,30 @@ __host__ __device__ __forceinline__ int packed_at(int t, int k) { return t * (t 
 // 16-byte aligned (the kernels read them as double2).
 __host__ __device__ constexpr int64_t packed_doubles_even(int n) { return (int64_t(n) * (n + 1) / 2 + 1) & ~int64_t(1); }
 
+// Starts copying the lower triangle of the row-major n x n src (8-byte aligned) into the packed
+// triangle A in shared memory with nthreads threads, all of a thread's 8-byte copies in flight at
+// once (cp.async, sm_80+): warp w copies rows w, w + nwarps, ... Only the lower triangle's bytes
+// are read. Complete with copy_async_wait, then a barrier.
+__device__ __forceinline__ void copy_lower_async(const double* src, int n, double* A, int tid, int nthreads) {
+  const int lane = tid & 31, nwarps = nthreads >> 5;
+  for (int i = tid >> 5; i < n; i += nwarps)
+    for (int k = lane; k <= i; k += 32) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+      const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(A + packed_at(i, k)));
+      asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(dst), "l"(src + int64_t(i) * n + k) : "memory");
+#else
+      A[packed_at(i, k)] = src[int64_t(i) * n + k];
+#endif
+    }
+}
+
+// Waits for this thread's copies of copy_lower_async.
+__device__ __forceinline__ void copy_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+#endif
+}
+
 // Copies the lower triangle of the row-major n x n src into the packed triangle A with NT threads,
 // eight global loads in flight per thread (one at a time leaves each waiting on memory), and
 // returns the largest |entry| this thread copied (+Inf if one of them is not finite).
