@@ -7,7 +7,8 @@ otherwise only the CPU kernels are. Environment variables:
 ``GRADGEOM_CUDA``         ``1`` forces the CUDA kernels (the build fails if it cannot compile
                           them), ``0`` builds the CPU kernels only; unset means "when possible".
 ``TORCH_CUDA_ARCH_LIST``  target GPU architectures (honoured as torch does). When unset we build
-                          for sm_90 (+PTX) and for every GPU visible at build time.
+                          for sm_90 (+PTX) and for every GPU visible at build time. A list with
+                          9.0 gains 9.0a (Hopper's wgmma, for the r = 128 Gram kernel).
 ``MAX_JOBS``              parallel compile jobs (torch's ninja builder).
 ``GRADGEOM_PTXAS_VERBOSE`` ``1`` prints ptxas's resource report (registers, spills) per kernel.
 """
@@ -95,6 +96,19 @@ def default_arch_list() -> str:
     return ";".join(ordered) + "+PTX"
 
 
+def with_hopper_features(arch_list: str) -> str:
+    """The arch list with sm_90a added wherever it names sm_90 without it.
+
+    The r = 128 Gram kernel uses Hopper's wgmma, which only sm_90a code has; sm_90 code stays in
+    the build and serves the rest (the extension picks the kernel the loaded binary holds).
+    """
+    entries = [e for e in arch_list.replace(",", ";").replace(" ", ";").split(";") if e]
+    bases = {e.split("+")[0] for e in entries}
+    if "9.0" in bases and "9.0a" not in bases:
+        entries.append("9.0a")
+    return ";".join(entries)
+
+
 def extensions():
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
@@ -109,6 +123,7 @@ def extensions():
         link_flags.append("-fopenmp")
     if want_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", default_arch_list())
+        os.environ["TORCH_CUDA_ARCH_LIST"] = with_hopper_features(os.environ["TORCH_CUDA_ARCH_LIST"])
         nvcc_flags = ["-O3", "-lineinfo", "-DGRADGEOM_WITH_CUDA"]
         if os.environ.get("GRADGEOM_PTXAS_VERBOSE") == "1":
             nvcc_flags.append("-Xptxas=-v")  # register / shared-memory / spill report per kernel

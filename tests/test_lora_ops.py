@@ -662,6 +662,43 @@ def test_cuda_wide_grams_long_short_and_many(shape):
     assert_grams_match_and_repeat(Bs, As, torch.bfloat16)
 
 
+def _rows_apart(x: torch.Tensor, line: int) -> torch.Tensor:
+    """x [rows, cols] on the GPU with its rows `line` elements apart (a view into a wider buffer)."""
+    buf = torch.zeros(x.shape[0], line, dtype=x.dtype, device="cuda")
+    buf[:, : x.shape[1]] = x.cuda()
+    return buf[:, : x.shape[1]]
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("r", [65, 100, 128])
+def test_cuda_wide_gram_kernels_agree_to_the_bit(dtype, r):
+    """For 64 < r <= 128, factors whose lines are 16-byte aligned take the wgmma kernel on Hopper
+    (the build adds sm_90a to sm_90), others the mma.sync kernel. Both sum the same 64-row chunks
+    in the same order, so the same factors laid out both ways give the same Grams bit for bit:
+    both layouts, a split whose last chunk is partial, a one-row factor and a job long enough to
+    be split and merged. On a 9.0 device the profiler shows which kernel ran."""
+    g = torch.Generator().manual_seed(r)
+    dims = [(4096, 4096), (4001, 63), (1, 70), (70_001, 130)]  # (d, k)
+    Bs = [torch.randn(d, r, generator=g).to(dtype) for d, _ in dims]
+    As = [torch.randn(r, k, generator=g).to(dtype) for _, k in dims]
+    pad = lambda n: (n + 7) // 8 * 8  # noqa: E731
+    aligned = ([_rows_apart(B, pad(r)) for B in Bs], [_rows_apart(A, pad(A.shape[1])) for A in As])
+    shifted = ([_rows_apart(B, pad(r) + 2) for B in Bs], [_rows_apart(A, pad(A.shape[1]) + 2) for A in As])
+    grams, kernels = [], []
+    for Bl, Al in (aligned, shifted):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            grams.append(lora_ops.lora_gram(Bl, Al))
+            torch.cuda.synchronize()
+        kernels.append({e.name for e in prof.events()})
+        assert_grams_match_and_repeat(Bl, Al, dtype)
+    assert torch.equal(grams[0][0], grams[1][0]) and torch.equal(grams[0][1], grams[1][1])
+    assert any("gram_mma_kernel" in k for k in kernels[1])
+    if torch.cuda.get_device_capability() == (9, 0):
+        assert any("gram_wgmma_kernel" in k for k in kernels[0])
+        assert not any("gram_wgmma_kernel" in k for k in kernels[1])
+
+
 @pytest.mark.parametrize("n", [1, 2, 40])
 def test_cpu_lora_gram_bits_do_not_depend_on_threads(n):
     """The CPU kernel shares out whole jobs when there are enough of them, else blocks of rows;

@@ -2,7 +2,8 @@
 // is one work unit, and units take one of two paths:
 //  * tensor cores (mma_gram.cuh, mma_gram_wide.cuh for r > 64): fp16/bf16 factors with r <= 128
 //    and one unit stride (B [d, r] or A [r, k] row-major, or either stored transposed), on sm_80+:
-//    the whole r x r Gram of the split per block;
+//    the whole r x r Gram of the split per block. For r > 64 with 16-byte aligned lines on
+//    Hopper, where the build has sm_90a code, wgmma_gram.cuh instead (the same bits);
 //  * CUDA cores (everything else): one 64 x 64 tile on or above the diagonal per block; the block
 //    stages a chunk of rows of the two column panels in shared memory (widened to fp32, or fp64
 //    for fp64 input) and each thread accumulates a register tile (4 x 4; 1 x 1 or 2 x 2 for a
@@ -32,6 +33,7 @@
 #include "gradgeom/lora_gram_plan.h"
 #include "gradgeom/mma_gram.cuh"
 #include "gradgeom/mma_gram_wide.cuh"
+#include "gradgeom/wgmma_gram.cuh"
 
 namespace gradgeom {
 namespace {
@@ -216,6 +218,45 @@ __global__ void __launch_bounds__(mma_gram::Ring<kWide>::kThreads, kWide ? 1 : 2
   }
 }
 
+// The W = 128 units with 16-byte copies on wgmma (wgmma_gram.cuh), where this build has sm_90a
+// code. Elsewhere the body is empty and the launch bound is 32 threads: the host reads that bound
+// back (cudaFuncGetAttributes) to know whether the loaded binary can run the kernel.
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define GRADGEOM_WGMMA_BOUND 512
+#else
+#define GRADGEOM_WGMMA_BOUND 32
+#endif
+static_assert(wgmma_gram::kThreads == 512, "GRADGEOM_WGMMA_BOUND");
+__global__ void __launch_bounds__(GRADGEOM_WGMMA_BOUND, 1)
+    gram_wgmma_kernel(const DeviceGramJob* jobs, const DeviceGramUnit* units, double* partials, int64_t R,
+                      double* out_b, double* out_a) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  extern __shared__ __align__(16) unsigned char wgmma_smem[];
+  const DeviceGramUnit u = units[blockIdx.x];
+  const DeviceGramJob job = jobs[u.job];
+  const int64_t begin = int64_t(u.split) * job.rows_per_split;
+  mma_gram::Job mj{static_cast<const uint16_t*>(job.data), begin, min(job.rows, begin + job.rows_per_split),
+                   job.row_stride, job.col_stride, job.cols, nullptr, job.cols};
+  if (job.mma & kDirect) {
+    mj.out = ((u.job & 1) ? out_a : out_b) + int64_t(u.job / 2) * R * R;
+    mj.ld = R;
+  } else {
+    mj.out = partials + job.partial_offset + int64_t(u.split) * job.cols * job.cols;
+  }
+  const bool bf16 = static_cast<ElemType>(job.type) == ElemType::kBFloat16;
+  if (((job.mma >> 8) & 0xff) == mma_gram::kColumns) {
+    if (bf16)
+      wgmma_gram::gram<mma_gram::kColumns, true>(mj, wgmma_smem);
+    else
+      wgmma_gram::gram<mma_gram::kColumns, false>(mj, wgmma_smem);
+  } else if (bf16) {
+    wgmma_gram::gram<mma_gram::kRows, true>(mj, wgmma_smem);
+  } else {
+    wgmma_gram::gram<mma_gram::kRows, false>(mj, wgmma_smem);
+  }
+#endif
+}
+
 // Block b merges job merge_jobs[b]: out[adapter][i][j] = sum over its splits, for i, j < r
 // (the rest of the output is zero-initialised by the host when some r < R).
 __global__ void __launch_bounds__(kThreads) gram_merge_kernel(const DeviceGramJob* jobs, const int32_t* merge_jobs,
@@ -234,14 +275,16 @@ __global__ void __launch_bounds__(kThreads) gram_merge_kernel(const DeviceGramJo
   }
 }
 
-// Per-device facts read once: SM count and whether the tensor-core path can run (sm_80+).
+// Per-device facts read once: SM count, whether the tensor-core path can run (sm_80+) and whether
+// the loaded binary has the wgmma kernel for this device (sm_90a code on a 9.0 device).
 struct DeviceFacts {
   int sms;
   bool mma;
+  bool wgmma;
 };
 
 DeviceFacts device_facts(int device) {
-  static std::array<std::atomic<int>, 64> cache{};  // sms | mma << 16, 0 = unknown
+  static std::array<std::atomic<int>, 64> cache{};  // sms | mma << 16 | wgmma << 17, 0 = unknown
   const bool cached = device >= 0 && device < static_cast<int>(cache.size());
   int word = cached ? cache[device].load(std::memory_order_relaxed) : 0;
   if (word == 0) {
@@ -254,10 +297,22 @@ DeviceFacts device_facts(int device) {
       C10_CUDA_CHECK(cudaFuncSetAttribute(gram_mma_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           mma_gram::Ring<true>::kSmemBytes));
     }
-    word = std::max(sms, 1) | (major >= 8 ? 1 << 16 : 0);
+    bool wgmma = false;
+    if (major == 9) {
+      cudaFuncAttributes attr{};
+      const cudaError_t got = cudaFuncGetAttributes(&attr, gram_wgmma_kernel);
+      if (got != cudaSuccess) {
+        (void)cudaGetLastError();  // no code for this device in the binary: not an error here
+      } else if (attr.maxThreadsPerBlock == wgmma_gram::kThreads) {
+        C10_CUDA_CHECK(cudaFuncSetAttribute(gram_wgmma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            wgmma_gram::kSmemBytes));
+        wgmma = true;
+      }
+    }
+    word = std::max(sms, 1) | (major >= 8 ? 1 << 16 : 0) | (wgmma ? 1 << 17 : 0);
     if (cached) cache[device].store(word, std::memory_order_relaxed);
   }
-  return DeviceFacts{word & 0xffff, (word >> 16) != 0};
+  return DeviceFacts{word & 0xffff, ((word >> 16) & 1) != 0, ((word >> 17) & 1) != 0};
 }
 
 // The tensor-core path code of a job (DeviceGramJob::mma), or 0 when it must take CUDA cores.
@@ -293,7 +348,7 @@ int32_t mma_path(const GramJob& g) {
 struct LaunchPlan {
   at::Tensor meta;  // int64 words on the device, read-only (may be shared with other calls)
   int64_t job_words = 0, unit_words = 0, mma_words = 0;
-  int64_t units = 0, narrow = 0, wide = 0, merges = 0;
+  int64_t units = 0, narrow = 0, wide = 0, wgmma = 0, merges = 0;
   int64_t partial_total = 0;  // doubles of fp64 partials the split jobs write
   bool padded = false;        // some output entry is written by no kernel: zero-initialise
 };
@@ -316,9 +371,10 @@ LaunchPlan make_launch_plan(const LoraGramPlan& plan, const DeviceFacts& facts, 
       std::max<int64_t>(1, (int64_t(8) * facts.sms + base_units - 1) / std::max<int64_t>(base_units, 1));
 
   std::vector<DeviceGramJob> jobs(num_jobs);
-  std::vector<DeviceGramUnit> units, mma_units, wide_units;
+  std::vector<DeviceGramUnit> units, mma_units, wide_units, wgmma_units;
   mma_units.reserve(num_jobs);
   wide_units.reserve(num_jobs);
+  wgmma_units.reserve(num_jobs);
   std::vector<int32_t> merge_jobs;
   // The split of the previous job, reused for a job of the same rows, cols and path (the usual
   // case: adapters of one model share shapes), which saves five 64-bit divisions a job.
@@ -353,23 +409,28 @@ LaunchPlan make_launch_plan(const LoraGramPlan& plan, const DeviceFacts& facts, 
       merge_jobs.push_back(static_cast<int32_t>(j));
     }
     const int32_t tiles = path[j] ? 1 : static_cast<int32_t>((g.cols + kTile - 1) / kTile);
-    std::vector<DeviceGramUnit>& into = path[j] ? ((path[j] & 0xff) == 128 ? wide_units : mma_units) : units;
+    const bool wide = (path[j] & 0xff) == 128;
+    const bool on_wgmma = wide && facts.wgmma && (path[j] & (kCopy4 | kCopy2)) == 0;
+    std::vector<DeviceGramUnit>& into =
+        path[j] ? (on_wgmma ? wgmma_units : (wide ? wide_units : mma_units)) : units;
     for (int32_t s = 0; s < splits; ++s)
       for (int32_t ti = 0; ti < tiles; ++ti)
         for (int32_t tj = ti; tj < tiles; ++tj) into.push_back(DeviceGramUnit{static_cast<int32_t>(j), s, ti, tj});
   }
-  const size_t total_units = units.size() + mma_units.size() + wide_units.size();
+  const size_t total_units = units.size() + mma_units.size() + wide_units.size() + wgmma_units.size();
   GG_CHECK(total_units < (size_t(1) << 31), "lora_gram: too many work units (", total_units, ")");
   lp.units = static_cast<int64_t>(units.size());
   lp.narrow = static_cast<int64_t>(mma_units.size());
   lp.wide = static_cast<int64_t>(wide_units.size());
+  lp.wgmma = static_cast<int64_t>(wgmma_units.size());
   lp.merges = static_cast<int64_t>(merge_jobs.size());
-  mma_units.insert(mma_units.end(), wide_units.begin(), wide_units.end());  // narrow first, then wide
+  mma_units.insert(mma_units.end(), wide_units.begin(), wide_units.end());  // narrow, wide, then wgmma
+  mma_units.insert(mma_units.end(), wgmma_units.begin(), wgmma_units.end());
 
   // One upload (reused while the factors stay in place).
   lp.job_words = num_jobs * 8;
   lp.unit_words = 2 * lp.units;
-  lp.mma_words = 2 * (lp.narrow + lp.wide);
+  lp.mma_words = 2 * (lp.narrow + lp.wide + lp.wgmma);
   const int64_t merge_words = (lp.merges + 1) / 2;
   lp.meta = cached_upload_words(lp.job_words + lp.unit_words + lp.mma_words + merge_words, dev, [&](int64_t* host) {
     std::memcpy(host, jobs.data(), lp.job_words * sizeof(int64_t));
@@ -479,6 +540,11 @@ std::tuple<at::Tensor, at::Tensor> lora_gram_cuda(at::TensorList Bs, at::TensorL
     using Ring = mma_gram::Ring<true>;
     gram_mma_kernel<true><<<static_cast<unsigned>(lp.wide), Ring::kThreads, Ring::kSmemBytes, stream>>>(
         dev_jobs, dev_mma_units + lp.narrow, part, R, out_b, out_a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  if (lp.wgmma > 0) {
+    gram_wgmma_kernel<<<static_cast<unsigned>(lp.wgmma), wgmma_gram::kThreads, wgmma_gram::kSmemBytes, stream>>>(
+        dev_jobs, dev_mma_units + lp.narrow + lp.wide, part, R, out_b, out_a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   if (lp.units > 0) {
