@@ -185,13 +185,10 @@ constexpr int32_t kDirect = 1 << 16;
 constexpr int32_t kCopy4 = 1 << 17;
 constexpr int32_t kCopy2 = 1 << 18;
 
-template <bool kWide>
-__global__ void __launch_bounds__(mma_gram::Ring<kWide>::kThreads, kWide ? 1 : 2)
-    gram_mma_kernel(const DeviceGramJob* jobs, const DeviceGramUnit* units, double* partials, int64_t R,
-                    double* out_b, double* out_a) {
-  extern __shared__ __align__(16) unsigned char mma_smem[];
-  const DeviceGramUnit u = units[blockIdx.x];
-  const DeviceGramJob job = jobs[u.job];
+// The tensor-core kernels' view of unit u of job: its rows, copies and output (straight into the
+// [n, R, R] Gram for a direct job, else the split's fp64 partial).
+__device__ __forceinline__ mma_gram::Job unit_job(const DeviceGramUnit& u, const DeviceGramJob& job, double* partials,
+                                                  int64_t R, double* out_b, double* out_a) {
   const int64_t begin = int64_t(u.split) * job.rows_per_split;
   mma_gram::Job mj{static_cast<const uint16_t*>(job.data), begin, min(job.rows, begin + job.rows_per_split),
                    job.row_stride, job.col_stride, job.cols, nullptr, job.cols,
@@ -202,6 +199,17 @@ __global__ void __launch_bounds__(mma_gram::Ring<kWide>::kThreads, kWide ? 1 : 2
   } else {
     mj.out = partials + job.partial_offset + int64_t(u.split) * job.cols * job.cols;
   }
+  return mj;
+}
+
+template <bool kWide>
+__global__ void __launch_bounds__(mma_gram::Ring<kWide>::kThreads, kWide ? 1 : 2)
+    gram_mma_kernel(const DeviceGramJob* jobs, const DeviceGramUnit* units, double* partials, int64_t R,
+                    double* out_b, double* out_a) {
+  extern __shared__ __align__(16) unsigned char mma_smem[];
+  const DeviceGramUnit u = units[blockIdx.x];
+  const DeviceGramJob job = jobs[u.job];
+  const mma_gram::Job mj = unit_job(u, job, partials, R, out_b, out_a);
   const int width = job.mma & 0xff;
   const int layout = (job.mma >> 8) & 0xff;
   const bool bf16 = static_cast<ElemType>(job.type) == ElemType::kBFloat16;
@@ -234,15 +242,7 @@ __global__ void __launch_bounds__(GRADGEOM_WGMMA_BOUND, 1)
   extern __shared__ __align__(16) unsigned char wgmma_smem[];
   const DeviceGramUnit u = units[blockIdx.x];
   const DeviceGramJob job = jobs[u.job];
-  const int64_t begin = int64_t(u.split) * job.rows_per_split;
-  mma_gram::Job mj{static_cast<const uint16_t*>(job.data), begin, min(job.rows, begin + job.rows_per_split),
-                   job.row_stride, job.col_stride, job.cols, nullptr, job.cols};
-  if (job.mma & kDirect) {
-    mj.out = ((u.job & 1) ? out_a : out_b) + int64_t(u.job / 2) * R * R;
-    mj.ld = R;
-  } else {
-    mj.out = partials + job.partial_offset + int64_t(u.split) * job.cols * job.cols;
-  }
+  const mma_gram::Job mj = unit_job(u, job, partials, R, out_b, out_a);  // 16-byte copies: routed so
   const bool bf16 = static_cast<ElemType>(job.type) == ElemType::kBFloat16;
   if (((job.mma >> 8) & 0xff) == mma_gram::kColumns) {
     if (bf16)
