@@ -3,7 +3,9 @@
 // call. One device-generic kernel each, registered for CPU and CUDA: lora_gram, psd_cholesky and
 // sym_eigh through the dispatcher, then ATen ops; step by step the ops of the Python statements in
 // gradgeom._lora_core (gram_spectrum, gram_bases, cosines, cross_grams) in the same order, so the
-// bits are those of the Python composition at a fraction of its host time.
+// bits are those of the Python composition at a fraction of its host time. On CUDA the angles'
+// elementwise steps run fused (angle_stage.h), with the same bits but for the Grassmann
+// distance's order of summation and the non-finite flag's NaN.
 // Never synchronises with the GPU: per-adapter structural ranks and dtype flags come from sizes
 // and dtypes on the host; uniform ones stay host scalars, ragged ones go to the device in one
 // asynchronous copy. The results are not differentiable: the inner ops run below autograd, so
@@ -13,6 +15,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/arange.h>
 #include <ATen/ops/arccos.h>
+#include <ATen/ops/bmm.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
@@ -36,6 +39,7 @@
 #include <tuple>
 #include <vector>
 
+#include "gradgeom/angle_stage.h"
 #include "gradgeom/check.h"
 #include "gradgeom/device_upload.h"
 #include "gradgeom/lora_tolerances.h"
@@ -180,6 +184,11 @@ at::Tensor beyond_rank(at::Tensor x, const PerAdapter& srank) {
 // The ill-conditioning tolerances, rounded to float32 as torch.where of two Python floats rounds them.
 double cond_tol(bool fp64) { return static_cast<float>(fp64 ? kCondTolFp64 : kCondTolFp32); }
 
+// _lora_core.error_bound: ‖G_B‖_F·‖G_A‖_F, float64 [n].
+at::Tensor error_bound(const at::Tensor& gb, const at::Tensor& ga) {
+  return at::linalg_matrix_norm(gb, c10::string_view("fro")) * at::linalg_matrix_norm(ga, c10::string_view("fro"));
+}
+
 // _lora_core._ill: bool [n], the smallest structural eigenvalue of M (mu descending) is below the
 // Gram route's resolution.
 at::Tensor ill_conditioned(const at::Tensor& mu, const at::Tensor& gb, const at::Tensor& ga, const Structure& s) {
@@ -188,8 +197,7 @@ at::Tensor ill_conditioned(const at::Tensor& mu, const at::Tensor& gb, const at:
   const at::Tensor mu_min = srank.uniform()
                                 ? mu.select(1, srank.value - 1)
                                 : mu.gather(-1, (srank.device - 1).clamp_min(0).unsqueeze(-1)).squeeze(-1);
-  const at::Tensor bound = at::linalg_matrix_norm(gb, c10::string_view("fro")) *
-                           at::linalg_matrix_norm(ga, c10::string_view("fro"));
+  const at::Tensor bound = error_bound(gb, ga);
   at::Tensor below;
   if (s.fp64.uniform()) {
     below = mu_min < bound * cond_tol(s.fp64.value != 0);
@@ -241,6 +249,11 @@ std::tuple<at::Tensor, at::Tensor> eigh_vectors(const at::Tensor& x) {
 // spaces, the numerical ranks [n], and (flag_ill) the adapters the Gram route cannot resolve.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gram_bases(const at::Tensor& gb, const at::Tensor& ga,
                                                           const Structure& s, bool flag_ill) {
+  const int64_t n = gb.size(0);
+  if (gb.size(-1) == 0) {
+    const at::Tensor none = at::zeros({n}, gb.options().dtype(at::kLong));
+    return {gb.new_zeros({n, 0, 0}), none, flag_ill ? none.to(at::kBool) : at::Tensor()};
+  }
   const auto [lam_raw, V] = eigh_vectors(gb);
   const at::Tensor lam_b = lam_raw.clamp_min(0);
   const at::Tensor F = V * lam_b.sqrt().unsqueeze(-2);
@@ -286,6 +299,38 @@ at::Tensor cross_grams(at::TensorList Bs, int64_t n) {
   return op.call(Bs.slice(0, n), Bs.slice(n, n));
 }
 
+#ifdef GRADGEOM_WITH_CUDA
+angle_stage::Adapters stage_adapters(const Structure& s) {
+  auto words = [](const PerAdapter& p) {
+    return angle_stage::PerAdapter64{p.value, p.uniform() ? nullptr : p.device.const_data_ptr<int64_t>()};
+  };
+  angle_stage::Adapters a;
+  a.srank = words(s.srank);
+  a.rank = words(s.rank);
+  a.fp64 = {s.fp64.value != 0, s.fp64.uniform() ? nullptr : s.fp64.device.const_data_ptr<bool>()};
+  a.cond_tol_fp64 = cond_tol(true);
+  a.cond_tol_fp32 = cond_tol(false);
+  return a;
+}
+
+// lora_principal_angles on CUDA after the Grams: the statement's products (at::bmm, as at::matmul
+// issues them) and eigen-decompositions, with the elementwise steps between them fused
+// (angle_stage.h): ten launches where the ATen statement takes about fifty.
+at::Tensor principal_angles_cuda(at::TensorList Bs, const at::Tensor& gb, const at::Tensor& ga, const Structure& s,
+                                 int64_t n, bool flag_ill) {
+  namespace stage = angle_stage;
+  const auto [lam, V] = sym_eigh(gb, /*vectors=*/true);
+  const at::Tensor F = stage::scaled_columns(V, lam);
+  const auto [mu, W] = sym_eigh(stage::symmetric_part(at::bmm(at::bmm(F.mT(), ga), F)), /*vectors=*/true);
+  const at::Tensor bound = flag_ill ? error_bound(gb, ga) : at::Tensor();
+  const stage::Coefficients c = stage::coefficients(lam, V, mu, W, gb, ga, stage_adapters(s), bound);
+  const at::Tensor T = at::bmm(c.left, c.right);
+  const at::Tensor C = at::bmm(at::bmm(T.narrow(0, 0, n).mT(), cross_grams(Bs, n)), T.narrow(0, n, n));
+  const at::Tensor w = sym_eigvalsh(stage::symmetric_part(at::bmm(C.mT(), C)));
+  return stage::angle_rows(w, c.rank, c.nonfinite, c.ill);
+}
+#endif
+
 // Bs = (B1_0 .. B1_{n-1}, B2_0 .. B2_{n-1}), As likewise: angles between the column spaces of
 // B1ᵢ·A1ᵢ and B2ᵢ·A2ᵢ. Returns float64 [n, K + 4] (+1 column with flag_ill): the angles (radians,
 // ascending, 0 beyond min(rank1, rank2)), then the Grassmann distance, rank1, rank2, a nonzero
@@ -304,6 +349,9 @@ at::Tensor lora_principal_angles(at::TensorList Bs, at::TensorList As, bool flag
   const Structure s = structure(Bs, As, /*with_rank=*/flag_ill);
   GG_CHECK_VALUE(s.max_rank <= kSmallMatrixMaxSize, "lora_principal_angles: ranks above ", kSmallMatrixMaxSize,
                  " are not supported, got r = ", s.max_rank);
+#ifdef GRADGEOM_WITH_CUDA
+  if (gb.is_cuda()) return principal_angles_cuda(Bs, gb, ga, s, n, flag_ill);
+#endif
   const auto [T, rk, ill] = gram_bases(gb, ga, s, flag_ill);
   const at::Tensor nonfinite = (gb * 0 + ga * 0).sum(at::IntArrayRef{-2, -1});
   const at::Tensor X = cross_grams(Bs, n);

@@ -246,6 +246,11 @@ def test_principal_angles_match_dense(device, dtype):
     z = lora.principal_angles({"z": (torch.zeros(10, 3, device=device), rand((3, 4), torch.float32, device))},
                               {"z": (rand((10, 3), torch.float32, device), rand((3, 4), torch.float32, device))})["z"]
     assert z.angles.numel() == 0 and z.distance == 0.0 and z.rank_1 == 0 and z.rank_2 == 3
+    # Every adapter of rank r = 0: nothing to compare, on every route.
+    empty = (torch.zeros(6, 0, device=device), torch.zeros(0, 5, device=device))
+    for method in ("auto", "gram", "qr"):
+        e = lora.principal_angles({"e": empty}, {"e": empty}, method=method)["e"]
+        assert e.angles.numel() == 0 and e.distance == 0.0 and (e.rank_1, e.rank_2) == (0, 0), (method, e)
 
 
 def test_principal_angles_orthogonal_and_identical_subspaces(device):

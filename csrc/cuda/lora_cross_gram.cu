@@ -12,9 +12,9 @@
 #include <cuda_fp16.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "gradgeom/cached_upload.cuh"
 #include "gradgeom/check.h"
@@ -42,15 +42,27 @@ struct DeviceCrossPair {
 static_assert(sizeof(DeviceCrossPair) % sizeof(int64_t) == 0, "uploaded as int64 words");
 constexpr int64_t kPairWords = sizeof(DeviceCrossPair) / sizeof(int64_t);
 
-// Element (row, col) of a factor widened to float64; 0 outside it.
+__device__ __forceinline__ double widen(double v) { return v; }
+__device__ __forceinline__ double widen(float v) { return v; }
+__device__ __forceinline__ double widen(__half v) { return __half2float(v); }
+__device__ __forceinline__ double widen(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+// Element (row, col) of a factor widened to float64; 0 outside it. T: the element type of every
+// factor of the launch, or void to read each factor's own (a branch per element, which keeps the
+// loads from being issued together).
+template <typename T>
 __device__ __forceinline__ double load_widened(const DeviceFactor& f, int64_t rows, int64_t row, int col) {
   if (row >= rows || col >= f.cols) return 0.0;
   const int64_t off = row * f.row_stride + int64_t(col) * f.col_stride;
-  switch (static_cast<ElemType>(f.type)) {
-    case ElemType::kFloat64: return static_cast<const double*>(f.data)[off];
-    case ElemType::kFloat32: return static_cast<const float*>(f.data)[off];
-    case ElemType::kFloat16: return __half2float(static_cast<const __half*>(f.data)[off]);
-    default: return __bfloat162float(static_cast<const __nv_bfloat16*>(f.data)[off]);
+  if constexpr (!std::is_void_v<T>) {
+    return widen(static_cast<const T*>(f.data)[off]);
+  } else {
+    switch (static_cast<ElemType>(f.type)) {
+      case ElemType::kFloat64: return static_cast<const double*>(f.data)[off];
+      case ElemType::kFloat32: return static_cast<const float*>(f.data)[off];
+      case ElemType::kFloat16: return __half2float(static_cast<const __half*>(f.data)[off]);
+      default: return __bfloat162float(static_cast<const __nv_bfloat16*>(f.data)[off]);
+    }
   }
 }
 
@@ -59,7 +71,7 @@ __device__ __forceinline__ double load_widened(const DeviceFactor& f, int64_t ro
 // each thread owns a 2 x 2 block of the tile, and when the tile needs fewer than kThreads owners
 // (kTw = 16) the kGroups thread groups each take a contiguous quarter of every chunk. The groups'
 // partial tiles are added in group order at the end, so the bits do not depend on timing.
-template <int kTw>
+template <int kTw, typename T>
 __global__ void __launch_bounds__(kThreads, kTw == 16 ? 2 : 1) cross_gram_kernel(const DeviceCrossPair* pairs, int64_t R, double* out) {
   constexpr int kOwners = (kTw / 2) * (kTw / 2);
   constexpr int kGroups = kThreads / kOwners;
@@ -84,8 +96,8 @@ __global__ void __launch_bounds__(kThreads, kTw == 16 ? 2 : 1) cross_gram_kernel
 #pragma unroll
     for (int k = 0; k < kLoads; ++k) {
       const int e = t + k * kThreads, r = e / kTw, c = e % kTw;
-      xv[k] = load_widened(pr.x, pr.rows, row0 + r, i0 + c);
-      yv[k] = load_widened(pr.y, pr.rows, row0 + r, j0 + c);
+      xv[k] = load_widened<T>(pr.x, pr.rows, row0 + r, i0 + c);
+      yv[k] = load_widened<T>(pr.y, pr.rows, row0 + r, j0 + c);
     }
   };
   fetch(0);
@@ -136,6 +148,28 @@ DeviceFactor device_factor(const GramJob& g) {
   return DeviceFactor{g.data, g.row_stride, g.col_stride, static_cast<int32_t>(g.cols), static_cast<int32_t>(g.type)};
 }
 
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+enum class Uniform { kFloat64, kFloat32, kFloat16, kBFloat16, kMixed };
+
+// The element type all factors of the plan share, or kMixed.
+Uniform uniform_type(const CrossGramPlan& plan) {
+  if (plan.left.empty()) return Uniform::kMixed;
+  const ElemType t = plan.left[0].type;
+  for (size_t i = 0; i < plan.left.size(); ++i)
+    if (plan.left[i].type != t || plan.right[i].type != t) return Uniform::kMixed;
+  switch (t) {
+    case ElemType::kFloat64: return Uniform::kFloat64;
+    case ElemType::kFloat32: return Uniform::kFloat32;
+    case ElemType::kFloat16: return Uniform::kFloat16;
+    case ElemType::kBFloat16: return Uniform::kBFloat16;
+    default: return Uniform::kMixed;
+  }
+}
+
 at::Tensor lora_cross_gram_cuda(at::TensorList B1s, at::TensorList B2s) {
   const CrossGramPlan plan = make_cross_gram_plan(B1s, B2s);
   const int64_t n = static_cast<int64_t>(B1s.size());
@@ -160,10 +194,20 @@ at::Tensor lora_cross_gram_cuda(at::TensorList B1s, at::TensorList B2s) {
   const dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>(tiles));
   const auto* dev_pairs = reinterpret_cast<const DeviceCrossPair*>(table.data_ptr<int64_t>());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (tw == 16)
-    cross_gram_kernel<16><<<grid, kThreads, 0, stream>>>(dev_pairs, R, out.data_ptr<double>());
-  else
-    cross_gram_kernel<32><<<grid, kThreads, 0, stream>>>(dev_pairs, R, out.data_ptr<double>());
+  auto launch = [&](auto type_tag) {
+    using T = typename decltype(type_tag)::type;
+    if (tw == 16)
+      cross_gram_kernel<16, T><<<grid, kThreads, 0, stream>>>(dev_pairs, R, out.data_ptr<double>());
+    else
+      cross_gram_kernel<32, T><<<grid, kThreads, 0, stream>>>(dev_pairs, R, out.data_ptr<double>());
+  };
+  switch (uniform_type(plan)) {
+    case Uniform::kFloat64: launch(TypeTag<double>{}); break;
+    case Uniform::kFloat32: launch(TypeTag<float>{}); break;
+    case Uniform::kFloat16: launch(TypeTag<__half>{}); break;
+    case Uniform::kBFloat16: launch(TypeTag<__nv_bfloat16>{}); break;
+    default: launch(TypeTag<void>{}); break;
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }

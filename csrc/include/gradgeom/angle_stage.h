@@ -1,0 +1,62 @@
+// The elementwise steps of lora_principal_angles on CUDA, fused (csrc/cuda/angle_stage.cu): the
+// composite's r x r stage keeps its matrix products (cuBLAS, through at::bmm) and its sym_eigh
+// calls, and these four kernels replace the forty-odd ATen launches between them. Each value is
+// computed with the IEEE operations and device functions of the ATen kernels it replaces, in the
+// same order, so the results keep the bits of the ATen statement (gradgeom._lora_core); only the
+// Grassmann distance sums its squares in its own (ascending) order, and a non-finite flag is the
+// canonical NaN.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+
+namespace gradgeom::angle_stage {
+
+// F = V·diag(√max(λ, 0)) (_lora_core.gram_bases): V float64 [m, R, R], lam float64 [m, R], both
+// contiguous on one CUDA device; returns float64 [m, R, R].
+at::Tensor scaled_columns(const at::Tensor& V, const at::Tensor& lam);
+
+// ½(X + Xᵀ) of x float64 [m, R, R] (contiguous, CUDA); returns a contiguous float64 [m, R, R].
+at::Tensor symmetric_part(const at::Tensor& x);
+
+// One value per adapter: `value` for all, or `device[i]` where `device` is not null.
+struct PerAdapter64 {
+  int64_t value = 0;
+  const int64_t* device = nullptr;
+};
+struct PerAdapterFlag {
+  bool value = false;
+  const bool* device = nullptr;
+};
+
+struct Adapters {
+  PerAdapter64 srank;  // min(d, k, r)
+  PerAdapter64 rank;   // r (read only with flags)
+  PerAdapterFlag fp64; // both factors float64 (read only with flags)
+  double cond_tol_fp64 = 0.0, cond_tol_fp32 = 0.0;  // already rounded as the composite rounds them
+};
+
+struct Coefficients {
+  at::Tensor left;       // V·diag(λ^-½ where λ > 0), float64 [m, R, R]
+  at::Tensor right;      // W (columns by descending μ)·diag(keep), float64 [m, R, R]
+  at::Tensor rank;       // numerical rank (kept columns), int64 [m]
+  at::Tensor nonfinite;  // 0.0, or NaN where G_B or G_A holds Inf/NaN, float64 [m]
+  at::Tensor ill;        // bool [m] with flags, else undefined
+};
+
+// The rest of _lora_core.gram_bases after the second eigen-decomposition: from G_B = V·diag(λ)·Vᵀ
+// (lam ascending) and M = W·diag(μ)·Wᵀ (mu ascending) the two factors of T = left·right, the
+// ranks, and (bound defined: ‖G_B‖_F·‖G_A‖_F float64 [m]) the ill-conditioning flags; gb and ga
+// (float64 [m, R, R]) for the non-finite flag. All contiguous on one CUDA device.
+Coefficients coefficients(const at::Tensor& lam, const at::Tensor& V, const at::Tensor& mu, const at::Tensor& W,
+                          const at::Tensor& gb, const at::Tensor& ga, const Adapters& adapters,
+                          const at::Tensor& bound);
+
+// The composite's output rows from the eigenvalues w (float64 [n, K], ascending) of CᵀC for the n
+// pairs, whose sides are adapters i and n + i of rank/nonfinite/ill ([2n]; ill may be undefined):
+// float64 [n, K + 4] (+1 with ill) = angles (0 beyond min(rank1, rank2)), distance, rank1,
+// rank2, nonfinite1 + nonfinite2 (, ill1 | ill2).
+at::Tensor angle_rows(const at::Tensor& w, const at::Tensor& rank, const at::Tensor& nonfinite, const at::Tensor& ill);
+
+}  // namespace gradgeom::angle_stage
