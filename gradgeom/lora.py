@@ -226,19 +226,28 @@ def _recompute_exact(Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor], row
             sv[i, :r] = core.qr_svdvals(Bs[i], As[i]) if core.finite(Bs[i], As[i]) else float("nan")
 
 
-def _unboxed_svdvals(pairs: Any, method: str) -> Optional[torch.Tensor]:
-    """σ(B·A) ``[n, R]`` of a list of pairs as :func:`_unscaled_svdvals` computes it, through
-    :func:`gradgeom.lora_ops.unboxed_call`; None where the general path must run."""
+def _unboxed_svdvals(pairs: Any, method: str) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """``(sv, ill)``: the Gram-route σ(B·A) ``[n, R]`` of a list of pairs and the flags ``[n]``
+    of the adapters it cannot resolve (all False unless ``method`` is ``"auto"``), through
+    :func:`gradgeom.lora_ops.unboxed_call`, nothing read back; None where the general path must
+    run. :func:`_exact_rows` or :func:`_svdval_rows` then apply ``method``."""
     if method == "qr":
         return None
     got = lora_ops.unboxed_call(lora_ops.SVDVALS_NO_FRO, pairs, flag=method == "auto")
-    if got is None:
-        return None
-    sv, ill, _ = got
+    return None if got is None else got[:2]
+
+
+def _svdval_rows(sv: torch.Tensor, ill: torch.Tensor, method: str, Bs: list, As: list,
+                 s: Union[float, torch.Tensor]) -> list[torch.Tensor]:
+    """The rows of ``sv [n, R]`` scaled by ``s`` and cut to each r (:func:`_rows_of`), with the
+    rows ``method`` takes by the exact route recomputed. The rows are cut before ``ill`` is read
+    back, so that this host work overlaps the device's; recomputed rows are cut anew."""
+    rows = _rows_of(_scale(sv, s), Bs)
     redo = _rows_to_redo(method, sv.shape[0], ill)
-    if redo:
-        _recompute_exact(list(map(_first, pairs)), list(map(_second, pairs)), redo, sv)
-    return sv
+    if not redo:
+        return rows
+    _recompute_exact(Bs, As, redo, sv)
+    return _rows_of(_scale(sv, s), Bs)
 
 
 def _is_host_scalar(x: Any) -> bool:
@@ -300,8 +309,10 @@ def delta_norm(
         if ord == "fro":
             out = lora_ops.unboxed_call(lora_ops.FRO, B)
         else:
-            sv = _unboxed_svdvals(B, method)
-            out = None if sv is None else _norm_of_svdvals(sv, ord)
+            got = _unboxed_svdvals(B, method)
+            if got is not None:
+                _exact_rows(list(map(_first, B)), list(map(_second, B)), method, *got)
+            out = None if got is None else _norm_of_svdvals(got[0], ord)
         if out is not None:
             return _scale(out, abs(float(scaling)))
     batch = _normalize("delta_norm", B, A, scaling)
@@ -358,9 +369,9 @@ def delta_svdvals(
     """
     _check_method("delta_svdvals", method)
     if A is None and _is_host_scalar(scaling):  # a list of pairs: the shortcut past torch.ops
-        sv = _unboxed_svdvals(B, method)
-        if sv is not None:
-            return _rows_of(_scale(sv, abs(float(scaling))), map(_first, B))
+        got = _unboxed_svdvals(B, method)
+        if got is not None:
+            return _svdval_rows(*got, method, list(map(_first, B)), list(map(_second, B)), abs(float(scaling)))
     batch = _normalize("delta_svdvals", B, A, scaling)
     s = abs(batch.scal)
     if _needs_grad(batch):
@@ -377,7 +388,8 @@ def delta_svdvals(
         return _reshape_out(batch, _scale(sv[:, :r], s))
     if not batch.Bs:
         return []
-    return _rows_of(_scale(_unscaled_svdvals(batch, method), s), batch.Bs)
+    sv, ill, _ = _native(batch, torch.ops.gradgeom.lora_svdvals, method == "auto", False)
+    return _svdval_rows(sv, ill, method, batch.Bs, batch.As, s)
 
 
 def _rows_of(sv: torch.Tensor, Bs: Any) -> list[torch.Tensor]:
