@@ -3,8 +3,8 @@
 // call. One device-generic kernel each, registered for CPU and CUDA: lora_gram, psd_cholesky and
 // sym_eigh through the dispatcher, then ATen ops; step by step the ops of the Python statements in
 // gradgeom._lora_core (gram_spectrum, gram_bases, cosines, cross_grams) in the same order, so the
-// bits are those of the Python composition at a fraction of its host time. On CUDA the angles'
-// elementwise steps run fused (angle_stage.h), with the same bits but for the Grassmann
+// bits are those of the Python composition at a fraction of its host time. On CUDA the
+// elementwise steps run fused (gram_stage.h), with the same bits but for the Grassmann
 // distance's order of summation and the non-finite flag's NaN.
 // Never synchronises with the GPU: per-adapter structural ranks and dtype flags come from sizes
 // and dtypes on the host; uniform ones stay host scalars, ragged ones go to the device in one
@@ -39,7 +39,7 @@
 #include <tuple>
 #include <vector>
 
-#include "gradgeom/angle_stage.h"
+#include "gradgeom/gram_stage.h"
 #include "gradgeom/check.h"
 #include "gradgeom/device_upload.h"
 #include "gradgeom/lora_tolerances.h"
@@ -211,6 +211,21 @@ at::Tensor ill_conditioned(const at::Tensor& mu, const at::Tensor& gb, const at:
   return srank.uniform() ? ill : ill & (srank.device > 0);
 }
 
+#ifdef GRADGEOM_WITH_CUDA
+gram_stage::Adapters stage_adapters(const Structure& s) {
+  auto words = [](const PerAdapter& p) {
+    return gram_stage::PerAdapter64{p.value, p.uniform() ? nullptr : p.device.const_data_ptr<int64_t>()};
+  };
+  gram_stage::Adapters a;
+  a.srank = words(s.srank);
+  a.rank = words(s.rank);
+  a.fp64 = {s.fp64.value != 0, s.fp64.uniform() ? nullptr : s.fp64.device.const_data_ptr<bool>()};
+  a.cond_tol_fp64 = cond_tol(true);
+  a.cond_tol_fp32 = cond_tol(false);
+  return a;
+}
+#endif
+
 at::Tensor lora_fro(at::TensorList Bs, at::TensorList As) {
   const at::AutoDispatchBelowADInplaceOrView no_autograd;
   const auto [gb, ga] = lora_gram(Bs, As);  // checks the factors
@@ -230,6 +245,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_svdvals(at::TensorList Bs, a
   if (s.max_rank == 0) return {gb.new_zeros({n, 0}), none_ill(), fro};
   const at::Tensor L = psd_factor(gb, s);
   const at::Tensor x = at::matmul(at::matmul(L.mT(), ga), L);
+#ifdef GRADGEOM_WITH_CUDA
+  if (x.is_cuda()) {  // the elementwise end fused (gram_stage.h)
+    const auto [sv, ill] = gram_stage::spectrum(sym_eigvalsh(x.contiguous()), stage_adapters(s),
+                                                flag_ill ? error_bound(gb, ga) : at::Tensor());
+    return {sv, flag_ill ? ill : none_ill(), fro};
+  }
+#endif
   const at::Tensor mu = beyond_rank(eigvalsh(x.contiguous()).clamp_min(0).flip(-1), s.srank);  // lower triangle read
   return {mu.sqrt(), flag_ill ? ill_conditioned(mu, gb, ga, s) : none_ill(), fro};
 }
@@ -300,25 +322,12 @@ at::Tensor cross_grams(at::TensorList Bs, int64_t n) {
 }
 
 #ifdef GRADGEOM_WITH_CUDA
-angle_stage::Adapters stage_adapters(const Structure& s) {
-  auto words = [](const PerAdapter& p) {
-    return angle_stage::PerAdapter64{p.value, p.uniform() ? nullptr : p.device.const_data_ptr<int64_t>()};
-  };
-  angle_stage::Adapters a;
-  a.srank = words(s.srank);
-  a.rank = words(s.rank);
-  a.fp64 = {s.fp64.value != 0, s.fp64.uniform() ? nullptr : s.fp64.device.const_data_ptr<bool>()};
-  a.cond_tol_fp64 = cond_tol(true);
-  a.cond_tol_fp32 = cond_tol(false);
-  return a;
-}
-
 // lora_principal_angles on CUDA after the Grams: the statement's products (at::bmm, as at::matmul
 // issues them) and eigen-decompositions, with the elementwise steps between them fused
-// (angle_stage.h): ten launches where the ATen statement takes about fifty.
+// (gram_stage.h): ten launches where the ATen statement takes about fifty.
 at::Tensor principal_angles_cuda(at::TensorList Bs, const at::Tensor& gb, const at::Tensor& ga, const Structure& s,
                                  int64_t n, bool flag_ill) {
-  namespace stage = angle_stage;
+  namespace stage = gram_stage;
   const auto [lam, V] = sym_eigh(gb, /*vectors=*/true);
   const at::Tensor F = stage::scaled_columns(V, lam);
   const auto [mu, W] = sym_eigh(stage::symmetric_part(at::bmm(at::bmm(F.mT(), ga), F)), /*vectors=*/true);

@@ -1,6 +1,6 @@
 """The native composite lora_principal_angles against the Python composition it replaces
 (_lora_core.gram_bases + cross_grams + cosines over lora_gram), bit for bit. On CUDA the
-composite fuses the elementwise steps (csrc/cuda/angle_stage.cu): the Grassmann distance then
+composite fuses the elementwise steps (csrc/cuda/gram_stage.cu): the Grassmann distance then
 sums its squares in its own order (compared to a few ulps) and the non-finite flag is the
 canonical NaN (compared as NaN or 0); every other entry keeps its bits."""
 

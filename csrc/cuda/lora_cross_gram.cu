@@ -1,6 +1,7 @@
 // lora_cross_gram on CUDA: X = B1ᵢᵀ·B2ᵢ of a ragged list of pairs in one launch, read in place
-// (any strides and dtypes), products and sums in float64. Block (i, t) computes tile t of pair i
-// (cross_gram_kernel). The pair table is uploaded once per set of tensors (cached_upload.cuh).
+// (any strides and dtypes), products and sums in float64. Block (i, t, z) computes tile t of pair i
+// over row slice z (cross_gram_kernel); a short batch gets several slices, summed in slice order
+// by cross_gram_merge_kernel. The pair table is uploaded once per set of tensors (cached_upload.cuh).
 // Replaces stack + float64 copy + batched GEMM in principal_angles.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -12,6 +13,7 @@
 #include <cuda_fp16.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -25,6 +27,7 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kChunk = 64;  // rows of both factors staged per step
+constexpr int64_t kTargetBlocks = 2048;
 
 struct DeviceFactor {
   const void* data;
@@ -47,15 +50,19 @@ __device__ __forceinline__ double widen(float v) { return v; }
 __device__ __forceinline__ double widen(__half v) { return __half2float(v); }
 __device__ __forceinline__ double widen(__nv_bfloat16 v) { return __bfloat162float(v); }
 
-// Element (row, col) of a factor widened to float64; 0 outside it. T: the element type of every
-// factor of the launch, or void to read each factor's own (a branch per element, which keeps the
-// loads from being issued together).
+// The element (row, col) of a factor, 0 outside it, as a Staged<T> (widened by widen() when it is
+// stored to shared memory). T: the element type of every factor of the launch, kept as it is in
+// registers, or void to read each factor's own type into a double (a branch per element, which
+// keeps the loads from being issued together).
 template <typename T>
-__device__ __forceinline__ double load_widened(const DeviceFactor& f, int64_t rows, int64_t row, int col) {
-  if (row >= rows || col >= f.cols) return 0.0;
+using Staged = std::conditional_t<std::is_void_v<T>, double, T>;
+
+template <typename T>
+__device__ __forceinline__ Staged<T> load_element(const DeviceFactor& f, int64_t rows, int64_t row, int col) {
+  if (row >= rows || col >= f.cols) return Staged<T>{};  // +0
   const int64_t off = row * f.row_stride + int64_t(col) * f.col_stride;
   if constexpr (!std::is_void_v<T>) {
-    return widen(static_cast<const T*>(f.data)[off]);
+    return static_cast<const T*>(f.data)[off];
   } else {
     switch (static_cast<ElemType>(f.type)) {
       case ElemType::kFloat64: return static_cast<const double*>(f.data)[off];
@@ -66,13 +73,23 @@ __device__ __forceinline__ double load_widened(const DeviceFactor& f, int64_t ro
   }
 }
 
+// Rows split into `count` slices of `rows` rows (a multiple of kChunk) along grid z; with more
+// than one, block (pair, tile, z) writes its partial tile to part [pairs, tiles, count, kTw²].
+struct RowSlices {
+  int64_t rows;
+  int64_t count;
+  double* part;
+};
+
 // Block (pair, tile) computes the kTw x kTw tile (i0, j0) of X[:, i0:]ᵀ·Y[:, j0:]. Rows are staged
 // kChunk at a time (the next chunk's loads in flight in registers while this one is multiplied);
 // each thread owns a 2 x 2 block of the tile, and when the tile needs fewer than kThreads owners
 // (kTw = 16) the kGroups thread groups each take a contiguous quarter of every chunk. The groups'
-// partial tiles are added in group order at the end, so the bits do not depend on timing.
+// partial tiles are added in group order at the end, so the bits do not depend on timing. Block
+// (pair, tile, z) reads the rows of slice z only.
 template <int kTw, typename T>
-__global__ void __launch_bounds__(kThreads, kTw == 16 ? 2 : 1) cross_gram_kernel(const DeviceCrossPair* pairs, int64_t R, double* out) {
+__global__ void __launch_bounds__(kThreads, kTw == 16 ? 3 : 1)
+    cross_gram_kernel(const DeviceCrossPair* pairs, int64_t R, RowSlices slices, double* out) {
   constexpr int kOwners = (kTw / 2) * (kTw / 2);
   constexpr int kGroups = kThreads / kOwners;
   constexpr int kRowsPerGroup = kChunk / kGroups;
@@ -83,6 +100,9 @@ __global__ void __launch_bounds__(kThreads, kTw == 16 ? 2 : 1) cross_gram_kernel
   __shared__ __align__(16) double ys[kChunk * kLd];
   __shared__ double part[kGroups > 1 ? kGroups - 1 : 1][kTw * kTw];
   const DeviceCrossPair pr = pairs[blockIdx.x];
+  const int64_t row_begin = int64_t(blockIdx.z) * slices.rows;
+  if (blockIdx.z > 0 && row_begin >= pr.rows) return;  // past this pair's last slice
+  const int64_t row_end = ::min(pr.rows, row_begin + slices.rows);
   const int tiles_j = (pr.y.cols + kTw - 1) / kTw;
   const int tiles = ((pr.x.cols + kTw - 1) / kTw) * tiles_j;
   if (static_cast<int>(blockIdx.y) >= tiles) return;
@@ -91,25 +111,25 @@ __global__ void __launch_bounds__(kThreads, kTw == 16 ? 2 : 1) cross_gram_kernel
   const int owner = t % kOwners, group = t / kOwners;
   const int i = 2 * (owner / (kTw / 2)), j = 2 * (owner % (kTw / 2));  // this thread's outputs (i.., j..)
   double acc[2][2] = {{0.0, 0.0}, {0.0, 0.0}};
-  double xv[kLoads], yv[kLoads];
+  Staged<T> xv[kLoads], yv[kLoads];
   auto fetch = [&](int64_t row0) {
 #pragma unroll
     for (int k = 0; k < kLoads; ++k) {
       const int e = t + k * kThreads, r = e / kTw, c = e % kTw;
-      xv[k] = load_widened<T>(pr.x, pr.rows, row0 + r, i0 + c);
-      yv[k] = load_widened<T>(pr.y, pr.rows, row0 + r, j0 + c);
+      xv[k] = load_element<T>(pr.x, row_end, row0 + r, i0 + c);
+      yv[k] = load_element<T>(pr.y, row_end, row0 + r, j0 + c);
     }
   };
-  fetch(0);
-  for (int64_t row0 = 0; row0 < pr.rows; row0 += kChunk) {
+  fetch(row_begin);
+  for (int64_t row0 = row_begin; row0 < row_end; row0 += kChunk) {
 #pragma unroll
     for (int k = 0; k < kLoads; ++k) {
       const int e = t + k * kThreads, r = e / kTw, c = e % kTw;
-      xs[r * kLd + c] = xv[k];
-      ys[r * kLd + c] = yv[k];
+      xs[r * kLd + c] = widen(xv[k]);
+      ys[r * kLd + c] = widen(yv[k]);
     }
     __syncthreads();
-    if (row0 + kChunk < pr.rows) fetch(row0 + kChunk);
+    if (row0 + kChunk < row_end) fetch(row0 + kChunk);
 #pragma unroll 4
     for (int r = group * kRowsPerGroup; r < (group + 1) * kRowsPerGroup; ++r) {
       const double2 x2 = *reinterpret_cast<const double2*>(xs + r * kLd + i);
@@ -136,12 +156,39 @@ __global__ void __launch_bounds__(kThreads, kTw == 16 ? 2 : 1) cross_gram_kernel
 #pragma unroll
         for (int b = 0; b < 2; ++b) acc[a][b] += part[g][(i + a) * kTw + j + b];
   }
+  if (slices.count > 1) {  // this slice's tile, merged by cross_gram_merge_kernel
+    double* o = slices.part + ((int64_t(blockIdx.x) * gridDim.y + blockIdx.y) * slices.count + blockIdx.z) * kTw * kTw;
+#pragma unroll
+    for (int a = 0; a < 2; ++a)
+#pragma unroll
+      for (int b = 0; b < 2; ++b) o[(i + a) * kTw + j + b] = acc[a][b];
+    return;
+  }
   double* o = out + int64_t(blockIdx.x) * R * R;
 #pragma unroll
   for (int a = 0; a < 2; ++a)
 #pragma unroll
     for (int b = 0; b < 2; ++b)
       if (i0 + i + a < pr.x.cols && j0 + j + b < pr.y.cols) o[int64_t(i0 + i + a) * R + j0 + j + b] = acc[a][b];
+}
+
+// Block (pair, tile): the sum of the pair's slices of the tile, in slice order.
+__global__ void __launch_bounds__(kThreads) cross_gram_merge_kernel(const DeviceCrossPair* pairs, int64_t R, int tw,
+                                                                     RowSlices slices, double* out) {
+  const DeviceCrossPair pr = pairs[blockIdx.x];
+  const int tiles_j = (pr.y.cols + tw - 1) / tw;
+  if (static_cast<int>(blockIdx.y) >= ((pr.x.cols + tw - 1) / tw) * tiles_j) return;
+  const int i0 = (blockIdx.y / tiles_j) * tw, j0 = (blockIdx.y % tiles_j) * tw;
+  const int64_t count = ::max(int64_t(1), (pr.rows + slices.rows - 1) / slices.rows);
+  const double* p = slices.part + (int64_t(blockIdx.x) * gridDim.y + blockIdx.y) * slices.count * tw * tw;
+  double* o = out + int64_t(blockIdx.x) * R * R;
+  for (int e = threadIdx.x; e < tw * tw; e += kThreads) {
+    const int a = e / tw, b = e % tw;
+    if (i0 + a >= pr.x.cols || j0 + b >= pr.y.cols) continue;
+    double sum = p[e];
+    for (int64_t z = 1; z < count; ++z) sum += p[z * tw * tw + e];
+    o[int64_t(i0 + a) * R + j0 + b] = sum;
+  }
 }
 
 DeviceFactor device_factor(const GramJob& g) {
@@ -191,15 +238,30 @@ at::Tensor lora_cross_gram_cuda(at::TensorList B1s, at::TensorList B2s) {
   const int tw = R <= 16 ? 16 : 32;  // 16-wide tiles keep r <= 16 from idling three threads in four
   const int64_t tiles = ((R + tw - 1) / tw) * ((R + tw - 1) / tw);
   GG_CHECK(tiles < 65536, "lora_cross_gram: ranks too large (R = ", R, ")");
-  const dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>(tiles));
+  // Short batches split their rows so that about kTargetBlocks blocks keep enough loads in flight
+  // (one block streams a chunk at a time); a slice holds at least four chunks.
+  int64_t max_rows = 0;
+  for (int64_t i = 0; i < n; ++i) max_rows = std::max(max_rows, plan.left[i].rows);
+  RowSlices slices{std::max<int64_t>(max_rows, 1), 1, nullptr};
+  if (n * tiles < kTargetBlocks && max_rows > 4 * kChunk) {
+    const int64_t want = std::min((kTargetBlocks + n * tiles - 1) / (n * tiles), max_rows / (4 * kChunk));
+    slices.rows = ((max_rows + want - 1) / want + kChunk - 1) / kChunk * kChunk;
+    slices.count = (max_rows + slices.rows - 1) / slices.rows;
+  }
+  at::Tensor part;
+  if (slices.count > 1) {
+    part = at::empty({n * tiles * slices.count * tw * tw}, dev);
+    slices.part = part.data_ptr<double>();
+  }
+  const dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>(tiles), static_cast<unsigned>(slices.count));
   const auto* dev_pairs = reinterpret_cast<const DeviceCrossPair*>(table.data_ptr<int64_t>());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   auto launch = [&](auto type_tag) {
     using T = typename decltype(type_tag)::type;
     if (tw == 16)
-      cross_gram_kernel<16, T><<<grid, kThreads, 0, stream>>>(dev_pairs, R, out.data_ptr<double>());
+      cross_gram_kernel<16, T><<<grid, kThreads, 0, stream>>>(dev_pairs, R, slices, out.data_ptr<double>());
     else
-      cross_gram_kernel<32, T><<<grid, kThreads, 0, stream>>>(dev_pairs, R, out.data_ptr<double>());
+      cross_gram_kernel<32, T><<<grid, kThreads, 0, stream>>>(dev_pairs, R, slices, out.data_ptr<double>());
   };
   switch (uniform_type(plan)) {
     case Uniform::kFloat64: launch(TypeTag<double>{}); break;
@@ -209,6 +271,11 @@ at::Tensor lora_cross_gram_cuda(at::TensorList B1s, at::TensorList B2s) {
     default: launch(TypeTag<void>{}); break;
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (slices.count > 1) {
+    cross_gram_merge_kernel<<<dim3(static_cast<unsigned>(n), static_cast<unsigned>(tiles)), kThreads, 0, stream>>>(
+        dev_pairs, R, tw, slices, out.data_ptr<double>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
   return out;
 }
 

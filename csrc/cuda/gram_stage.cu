@@ -1,5 +1,5 @@
-// The fused elementwise steps of lora_principal_angles on CUDA (gradgeom/angle_stage.h says what
-// each computes). Every operation is the one the replaced ATen kernel performs (__dmul_rn and
+// The fused elementwise steps of the Gram-route composites on CUDA (gradgeom/gram_stage.h says
+// what each computes). Every operation is the one the replaced ATen kernel performs (__dmul_rn and
 // __dadd_rn where a product meets a sum, so nothing is contracted into an FMA; ::max, ::min,
 // ::sqrt, ::rsqrt and ::acos as ATen calls them; NaN kept by the clamps as ATen keeps it).
 #include <ATen/core/Tensor.h>
@@ -12,11 +12,11 @@
 #include <algorithm>
 #include <limits>
 
-#include "gradgeom/angle_stage.h"
+#include "gradgeom/gram_stage.h"
 #include "gradgeom/check.h"
 #include "gradgeom/rxr_check.h"
 
-namespace gradgeom::angle_stage {
+namespace gradgeom::gram_stage {
 namespace {
 
 constexpr int kThreads = 256;
@@ -28,6 +28,17 @@ __device__ __forceinline__ double clamp(double v, double lo, double hi) { return
 
 __device__ __forceinline__ int64_t per_adapter(const PerAdapter64& p, int64_t i) { return p.device ? p.device[i] : p.value; }
 __device__ __forceinline__ bool per_adapter(const PerAdapterFlag& p, int64_t i) { return p.device ? p.device[i] : p.value; }
+
+// _lora_core._ill for one adapter: its smallest structural eigenvalue of M (mu_min, with mu_first
+// the largest) below the Gram route's resolution.
+__device__ __forceinline__ bool below_resolution(double mu_first, double mu_min, int64_t srank, double bound,
+                                                 double tol) {
+  return srank > 0 && mu_first > 0 && mu_min < __dmul_rn(bound, tol);
+}
+
+__device__ __forceinline__ double cond_tol(const Adapters& ad, int64_t i) {
+  return per_adapter(ad.fp64, i) ? ad.cond_tol_fp64 : ad.cond_tol_fp32;
+}
 
 __global__ void scaled_columns_kernel(const double* V, const double* lam, int64_t total, int R, double* F) {
   const int64_t RR = int64_t(R) * R;
@@ -81,14 +92,23 @@ __global__ void __launch_bounds__(kThreads) coefficients_kernel(const double* la
   rank[m] = total_kept;
   nonfinite[m] = any_bad ? std::numeric_limits<double>::quiet_NaN() : 0.0;
   if (ill == nullptr) return;
-  const bool live = R > 0 && clamp_min(mu[m * R + R - 1], 0.0) > 0;
-  bool flag = false;
-  if (srank > 0) {  // the smallest structural μ below the Gram route's resolution
-    const double mu_min = clamp_min(mu[m * R + (R - srank)], 0.0);
-    const double tol = per_adapter(ad.fp64, m) ? ad.cond_tol_fp64 : ad.cond_tol_fp32;
-    flag = live && mu_min < __dmul_rn(bound[m], tol);
-  }
-  ill[m] = flag || (srank < per_adapter(ad.rank, m) && live);  // r > min(d, k): no unique basis
+  const double mu_first = R > 0 ? clamp_min(mu[m * R + R - 1], 0.0) : 0.0;
+  const double mu_min = srank > 0 ? clamp_min(mu[m * R + (R - srank)], 0.0) : 0.0;
+  ill[m] = below_resolution(mu_first, mu_min, srank, bound[m], cond_tol(ad, m)) ||
+           (srank < per_adapter(ad.rank, m) && mu_first > 0);  // r > min(d, k): no unique basis
+}
+
+// Block i: adapter i. μ_j = max(w_{R-1-j}, 0) below the structural rank, else exactly 0.
+__global__ void __launch_bounds__(kThreads) spectrum_kernel(const double* w, int R, Adapters ad, const double* bound,
+                                                            double* sv, bool* ill) {
+  const int64_t i = blockIdx.x;
+  const int64_t srank = per_adapter(ad.srank, i);
+  for (int j = threadIdx.x; j < R; j += kThreads)
+    sv[i * R + j] = ::sqrt(j < srank ? clamp_min(w[i * R + (R - 1 - j)], 0.0) : 0.0);
+  if (ill == nullptr || threadIdx.x != 0) return;
+  const double mu_first = srank > 0 ? clamp_min(w[i * R + R - 1], 0.0) : 0.0;
+  const double mu_min = srank > 0 ? clamp_min(w[i * R + (R - srank)], 0.0) : 0.0;
+  ill[i] = below_resolution(mu_first, mu_min, srank, bound[i], cond_tol(ad, i));
 }
 
 // Block i: pair i. Shared: the squared angles, summed in ascending order by thread 0.
@@ -119,7 +139,7 @@ __global__ void __launch_bounds__(kThreads) angle_rows_kernel(const double* w, i
 void check_batch(const char* what, const at::Tensor& t, int64_t m, int64_t R, int dims) {
   GG_CHECK(t.is_cuda() && t.scalar_type() == at::kDouble && t.is_contiguous() && t.dim() == dims && t.size(0) == m &&
                (dims < 2 || t.size(1) == R) && (dims < 3 || t.size(2) == R),
-           "angle_stage: ", what, " must be a contiguous CUDA float64 batch of ", m, " (size ", R, "), got ",
+           "gram_stage: ", what, " must be a contiguous CUDA float64 batch of ", m, " (size ", R, "), got ",
            t.sizes());
 }
 
@@ -160,7 +180,7 @@ Coefficients coefficients(const at::Tensor& lam, const at::Tensor& V, const at::
                           const at::Tensor& gb, const at::Tensor& ga, const Adapters& adapters,
                           const at::Tensor& bound) {
   const int64_t m = V.size(0), R = V.size(-1);
-  GG_CHECK(R <= kMaxR, "angle_stage: R = ", R, " above ", kMaxR);
+  GG_CHECK(R <= kMaxR, "gram_stage: R = ", R, " above ", kMaxR);
   check_batch("V", V, m, R, 3);
   check_batch("W", W, m, R, 3);
   check_batch("gb", gb, m, R, 3);
@@ -183,22 +203,39 @@ Coefficients coefficients(const at::Tensor& lam, const at::Tensor& V, const at::
   return c;
 }
 
+std::tuple<at::Tensor, at::Tensor> spectrum(const at::Tensor& w, const Adapters& adapters, const at::Tensor& bound) {
+  const int64_t n = w.size(0), R = w.size(-1);
+  check_batch("w", w, n, R, 2);
+  const bool flags = bound.defined();
+  if (flags) check_batch("bound", bound, n, R, 1);
+  const c10::cuda::CUDAGuard guard(w.device());
+  at::Tensor sv = at::empty_like(w);
+  at::Tensor ill = flags ? at::empty({n}, w.options().dtype(at::kBool)) : at::Tensor();
+  if (n == 0) return {sv, ill};
+  GG_CHECK(n < (int64_t(1) << 31), "gram_stage: too many adapters (", n, ")");
+  spectrum_kernel<<<static_cast<unsigned>(n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      w.const_data_ptr<double>(), static_cast<int>(R), adapters, flags ? bound.const_data_ptr<double>() : nullptr,
+      sv.data_ptr<double>(), flags ? ill.data_ptr<bool>() : nullptr);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {sv, ill};
+}
+
 at::Tensor angle_rows(const at::Tensor& w, const at::Tensor& rank, const at::Tensor& nonfinite, const at::Tensor& ill) {
   const int64_t n = w.size(0), K = w.size(-1);
-  GG_CHECK(K <= kMaxR, "angle_stage: K = ", K, " above ", kMaxR);
+  GG_CHECK(K <= kMaxR, "gram_stage: K = ", K, " above ", kMaxR);
   check_batch("w", w, n, K, 2);
   check_batch("nonfinite", nonfinite, 2 * n, K, 1);
   GG_CHECK(rank.is_cuda() && rank.scalar_type() == at::kLong && rank.is_contiguous() && rank.numel() == 2 * n,
-           "angle_stage: rank must be a contiguous CUDA int64 [", 2 * n, "], got ", rank.sizes());
+           "gram_stage: rank must be a contiguous CUDA int64 [", 2 * n, "], got ", rank.sizes());
   const bool flags = ill.defined();
   if (flags)
     GG_CHECK(ill.is_cuda() && ill.scalar_type() == at::kBool && ill.is_contiguous() && ill.numel() == 2 * n,
-             "angle_stage: ill must be a contiguous CUDA bool [", 2 * n, "], got ", ill.sizes());
+             "gram_stage: ill must be a contiguous CUDA bool [", 2 * n, "], got ", ill.sizes());
   const c10::cuda::CUDAGuard guard(w.device());
   const int64_t cols = K + (flags ? 5 : 4);
   at::Tensor out = at::empty({n, cols}, w.options());
   if (n == 0) return out;
-  GG_CHECK(n < (int64_t(1) << 31), "angle_stage: too many pairs (", n, ")");
+  GG_CHECK(n < (int64_t(1) << 31), "gram_stage: too many pairs (", n, ")");
   angle_rows_kernel<<<static_cast<unsigned>(n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       w.const_data_ptr<double>(), static_cast<int>(K), n, rank.const_data_ptr<int64_t>(),
       nonfinite.const_data_ptr<double>(), flags ? ill.const_data_ptr<bool>() : nullptr, static_cast<int>(cols),
@@ -207,4 +244,4 @@ at::Tensor angle_rows(const at::Tensor& w, const at::Tensor& rank, const at::Ten
   return out;
 }
 
-}  // namespace gradgeom::angle_stage
+}  // namespace gradgeom::gram_stage

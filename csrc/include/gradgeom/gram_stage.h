@@ -1,17 +1,18 @@
-// The elementwise steps of lora_principal_angles on CUDA, fused (csrc/cuda/angle_stage.cu): the
-// composite's r x r stage keeps its matrix products (cuBLAS, through at::bmm) and its sym_eigh
-// calls, and these four kernels replace the forty-odd ATen launches between them. Each value is
-// computed with the IEEE operations and device functions of the ATen kernels it replaces, in the
-// same order, so the results keep the bits of the ATen statement (gradgeom._lora_core); only the
-// Grassmann distance sums its squares in its own (ascending) order, and a non-finite flag is the
-// canonical NaN.
+// The elementwise steps of the Gram-route composites on CUDA, fused (csrc/cuda/gram_stage.cu):
+// lora_principal_angles keeps its matrix products (cuBLAS, through at::bmm) and sym_eigh calls,
+// and four kernels replace the forty-odd ATen launches between them; lora_svdvals ends in one
+// kernel instead of up to a dozen. Each value is computed with the IEEE operations and device
+// functions of the ATen kernels it replaces, in the same order, so the results keep the bits of
+// the ATen statement (gradgeom._lora_core); only the Grassmann distance sums its squares in its
+// own (ascending) order, and a non-finite flag is the canonical NaN.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <tuple>
 
-namespace gradgeom::angle_stage {
+namespace gradgeom::gram_stage {
 
 // F = V·diag(√max(λ, 0)) (_lora_core.gram_bases): V float64 [m, R, R], lam float64 [m, R], both
 // contiguous on one CUDA device; returns float64 [m, R, R].
@@ -53,10 +54,16 @@ Coefficients coefficients(const at::Tensor& lam, const at::Tensor& V, const at::
                           const at::Tensor& gb, const at::Tensor& ga, const Adapters& adapters,
                           const at::Tensor& bound);
 
+// The end of _lora_core.gram_spectrum and the composite's lora_svdvals: from the eigenvalues w
+// (float64 [n, R], ascending, contiguous CUDA) of M, the singular values √μ (float64 [n, R],
+// descending, exactly 0 at and beyond each structural rank) and, with bound defined
+// (‖G_B‖_F·‖G_A‖_F float64 [n]), the ill-conditioning flags (bool [n], else undefined).
+std::tuple<at::Tensor, at::Tensor> spectrum(const at::Tensor& w, const Adapters& adapters, const at::Tensor& bound);
+
 // The composite's output rows from the eigenvalues w (float64 [n, K], ascending) of CᵀC for the n
 // pairs, whose sides are adapters i and n + i of rank/nonfinite/ill ([2n]; ill may be undefined):
 // float64 [n, K + 4] (+1 with ill) = angles (0 beyond min(rank1, rank2)), distance, rank1,
 // rank2, nonfinite1 + nonfinite2 (, ill1 | ill2).
 at::Tensor angle_rows(const at::Tensor& w, const at::Tensor& rank, const at::Tensor& nonfinite, const at::Tensor& ill);
 
-}  // namespace gradgeom::angle_stage
+}  // namespace gradgeom::gram_stage
