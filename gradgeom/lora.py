@@ -215,7 +215,7 @@ def _rows_to_redo(method: str, n: int, ill: torch.Tensor) -> list[int]:
     flagged ones (``"auto"``, the one host read)."""
     if method == "gram":
         return []
-    return list(range(n)) if method == "qr" else ill.nonzero().flatten().tolist()
+    return list(range(n)) if method == "qr" else ill.cpu().nonzero().flatten().tolist()  # one copy, no device select
 
 
 def _recompute_exact(Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor], rows: list[int], sv: torch.Tensor) -> None:
