@@ -67,7 +67,7 @@ def case(name, device):
         return [torch.zeros(5, 0, device=device)] * 2, [torch.zeros(0, 7, device=device)] * 2
     if name == "r0_mixed":
         return [torch.zeros(5, 0, device=device), rand((5, 4), f32, device)], [torch.zeros(0, 7, device=device), rand((4, 7), f32, device)]
-    if name == "large_r":  # R above a block of threads; on CUDA the flags' norms run beside the stage
+    if name == "large_r":  # R above a block of threads (the fused spectrum kernel loops over its rows)
         dims = [(300, 129, 280, f32), (400, 300, 350, bf16), (200, 70, 90, f64)]
         return [rand((d, r), dt, device) for d, r, _, dt in dims], [rand((r, k), dt, device) for _, r, k, dt in dims]
     if name == "views":  # transposed, sliced and expanded factors

@@ -1,10 +1,11 @@
 // The elementwise steps of the Gram-route composites on CUDA, fused (csrc/cuda/gram_stage.cu):
 // lora_principal_angles keeps its matrix products (cuBLAS, through at::bmm) and sym_eigh calls,
-// and four kernels replace the forty-odd ATen launches between them; lora_svdvals ends in one
-// kernel instead of up to a dozen. Each value is computed with the IEEE operations and device
-// functions of the ATen kernels it replaces, in the same order, so the results keep the bits of
-// the ATen statement (gradgeom._lora_core); only the Grassmann distance sums its squares in its
-// own (ascending) order, and a non-finite flag is the canonical NaN.
+// and four kernels replace the ATen ops between them (25 kernel launches a flagged call instead
+// of 70); lora_svdvals ends in one kernel instead of up to a dozen. Each value is computed with
+// the IEEE operations and device functions of the ATen kernels it replaces, in the same order, so
+// the results keep the bits of the ATen statement (gradgeom._lora_core); only the Grassmann
+// distance sums its squares in its own (ascending) order, and a non-finite flag is the canonical
+// NaN.
 #pragma once
 
 #include <ATen/core/Tensor.h>
