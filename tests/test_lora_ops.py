@@ -409,11 +409,12 @@ def test_cuda_eigvals_large(n):
 
 
 @requires_cuda
-@pytest.mark.parametrize("n", [64, 100, 128])
+@pytest.mark.parametrize("n", [64, 80, 100, 128])
 def test_cuda_eigvals_batch_past_one_wave(n):
     """Batches larger than one wave of the reduction kernel (at n = 128: one matrix per SM) run
-    as full waves and a tail, with the full waves' bisection on a side stream: the same bits as
-    batches small enough for one launch each, on a side stream too, and no host sync."""
+    as full waves and a tail, whose launch bisects the full waves' matrices in spare blocks: the
+    same bits as batches small enough for one launch each, on a side stream too, and no host
+    sync. n = 64, 80 and 128 take the tile, rows and regs kernels."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     batch = 2 * sms + 37
     A = sym_batch(batch, n, torch.device("cuda"), "psd_lowrank")

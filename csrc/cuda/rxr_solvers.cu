@@ -5,7 +5,7 @@
 //   matrices per SM), for 96 < n <= 128 in registers again, a row chunk per thread
 //   (tridiag_regs.cuh, 512 threads, one matrix per SM); the bisection runs in a second launch on
 //   the tridiagonal matrices, where two matrices share an SM (for the matrices of the reduction's
-//   full waves, on a side stream beside its last partial wave). Otherwise one kernel works on the
+//   full waves, in spare blocks of its last partial wave's launch). Otherwise one kernel works on the
 //   packed lower triangle, two barriers per Householder step; shared memory holds the workspace
 //   and as many trailing rows of the packed matrix as fit (all of it up to n = 232 on an H100);
 //   the leading rows of larger matrices live in a global workspace, and they are the first to
@@ -27,6 +27,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <limits>
 #include <mutex>
 #include <tuple>
@@ -52,6 +53,25 @@ struct BlockSync {
 #ifdef __CUDA_ARCH__
     __syncthreads();
 #endif
+  }
+};
+
+constexpr int kBisectThreads = 128;  // one lane per eigenvalue at n = 128: 147 against 155 us for 256 (H100)
+
+// A barrier across the kBisectThreads threads of group `group` (0 .. kMaxBisectGroups - 1) of a
+// larger block: named barrier group + 1 (0 is __syncthreads'). Literal ids, so that the kernels
+// reserve five barriers, not all sixteen.
+constexpr int kMaxBisectGroups = 4;
+struct GroupSync {
+  int group;
+  __device__ void operator()() const {
+    static_assert(kBisectThreads == 128 && kMaxBisectGroups == 4, "the literal barrier operands below");
+    switch (group) {
+      case 0: asm volatile("bar.sync 1, 128;" ::: "memory"); break;
+      case 1: asm volatile("bar.sync 2, 128;" ::: "memory"); break;
+      case 2: asm volatile("bar.sync 3, 128;" ::: "memory"); break;
+      default: asm volatile("bar.sync 4, 128;" ::: "memory"); break;
+    }
   }
 };
 
@@ -101,6 +121,54 @@ __global__ void __launch_bounds__(kMaxThreads, 2)
   tridiag::eigvalsh(a, n, smem, iwork, w_out + b * n, threadIdx.x, blockDim.x, BlockSync{});
 }
 
+// Bisection of tridiagonal matrix b that the tile, rows or regs kernel left (d, e, e2 at tri), by
+// kBisectThreads threads (tid = 0 .. kBisectThreads - 1, `sync` their barrier); smem: the
+// bisection's workspace, bisect_smem_bytes(n).
+template <typename Sync>
+__device__ void bisect_matrix(const double* tri, const int* scale, int n, double* w_out, int64_t b, double* smem,
+                              int tid, Sync sync) {
+  const int e = scale[b];
+  if (e == tridiag::kDone) return;  // the eigenvalues are written already
+  int* iwork = reinterpret_cast<int*>(smem + tridiag::workspace_doubles(n));
+  const double* t = tri + b * 3 * int64_t(n);
+  for (int i = tid; i < 3 * n; i += kBisectThreads) smem[3 * n + i] = t[i];  // d, e, e2
+  sync();
+  tridiag::bisect<tridiag::kPoints>(n, smem, iwork, w_out + b * n, e, tid, kBisectThreads, sync);
+}
+
+__host__ __device__ inline int64_t bisect_smem_bytes(int n) {
+  return (tridiag::workspace_doubles(n) * int64_t(sizeof(double)) +
+          tridiag::grid_points(n, kBisectThreads) * int64_t(sizeof(int)) + 15) / 16 * 16;
+}
+
+__global__ void __launch_bounds__(kBisectThreads, 2)
+    tridiag_bisect_kernel(const double* tri, const int* scale, int n, double* w_out) {
+  extern __shared__ double smem[];
+  bisect_matrix(tri, scale, n, w_out, blockIdx.x, smem, threadIdx.x, BlockSync{});
+}
+
+// One launch of a reduction kernel: blocks 0 .. count - 1 reduce matrices first .. first + count - 1;
+// any further blocks bisect matrices 0 .. bisect_count - 1 (reduced by an earlier launch), one
+// per group of kBisectThreads threads in the first per_block groups of each block, on the SMs a
+// partial last wave leaves idle.
+struct ReduceLaunch {
+  int64_t first = 0, count = 0, bisect_count = 0;
+  int per_block = 1;
+  int64_t blocks() const { return count + (bisect_count + per_block - 1) / per_block; }
+};
+
+// Whether this block is one of the launch's bisection blocks (which then did its bisections).
+__device__ bool bisected_instead(const ReduceLaunch& rl, const double* tri, const int* scale, int n, double* w_out,
+                                 double* smem) {
+  if (blockIdx.x < rl.count) return false;
+  const int group = threadIdx.x / kBisectThreads;
+  const int64_t b = (blockIdx.x - rl.count) * rl.per_block + group;
+  if (group < rl.per_block && b < rl.bisect_count)
+    bisect_matrix(tri, scale, n, w_out, b, smem + group * (bisect_smem_bytes(n) / int64_t(sizeof(double))),
+                  threadIdx.x % kBisectThreads, GroupSync{group});
+  return true;
+}
+
 // The Householder reduction for 33 <= n <= 64 on a register tile (tile_matrix.cuh, tile::Matrix64),
 // for 64 < n <= 96 on the packed triangle with two threads per row (tridiag_rows.cuh), for
 // 96 < n <= 128 with the matrix in registers (tridiag_regs.cuh); the bisection runs in a second
@@ -113,40 +181,29 @@ bool use_regs(int64_t n) { return n >= tridiag::kRegsMinN && n <= tridiag::kRegs
 
 template <class M>
 __global__ void __launch_bounds__(M::kThreads, M::kMinBlocks)
-    tridiag_tile_kernel(const double* in, int n, double* tri, int* scale, double* w_out) {
+    tridiag_tile_kernel(const double* in, int n, double* tri, int* scale, double* w_out, ReduceLaunch rl) {
   extern __shared__ double smem[];
-  const int64_t b = blockIdx.x;
+  if (bisected_instead(rl, tri, scale, n, w_out, smem)) return;
+  const int64_t b = rl.first + blockIdx.x;
   M A(threadIdx.x);
   A.load_lower(in + b * int64_t(n) * n, n);
   tridiag::tridiag_tile(A, n, smem, tri + b * 3 * int64_t(n), scale + b, w_out + b * n, threadIdx.x);
 }
 
 __global__ void __launch_bounds__(tridiag::kRegsThreads, 1)
-    tridiag_regs_kernel(const double* in, int n, double* tri, int* scale, double* w_out) {
+    tridiag_regs_kernel(const double* in, int n, double* tri, int* scale, double* w_out, ReduceLaunch rl) {
   extern __shared__ __align__(16) double smem[];  // its vectors are read as double2
-  const int64_t b = blockIdx.x;
+  if (bisected_instead(rl, tri, scale, n, w_out, smem)) return;
+  const int64_t b = rl.first + blockIdx.x;
   tridiag::tridiag_regs(in + b * int64_t(n) * n, n, smem, tri + b * 3 * int64_t(n), scale + b, w_out + b * n);
 }
 
 __global__ void __launch_bounds__(tridiag::kRowsThreads, 2)
-    tridiag_rows_kernel(const double* in, int n, double* tri, int* scale, double* w_out) {
+    tridiag_rows_kernel(const double* in, int n, double* tri, int* scale, double* w_out, ReduceLaunch rl) {
   extern __shared__ double smem[];
-  const int64_t b = blockIdx.x;
+  if (bisected_instead(rl, tri, scale, n, w_out, smem)) return;
+  const int64_t b = rl.first + blockIdx.x;
   tridiag::tridiag_rows(in + b * int64_t(n) * n, n, smem, tri + b * 3 * int64_t(n), scale + b, w_out + b * n);
-}
-
-// Bisection of the tridiagonal matrices the tile, rows and regs kernels leave (d, e, e2 per matrix).
-__global__ void __launch_bounds__(128, 2)
-    tridiag_bisect_kernel(const double* tri, const int* scale, int n, double* w_out) {
-  extern __shared__ double smem[];
-  const int64_t b = blockIdx.x;
-  const int e = scale[b];
-  if (e == tridiag::kDone) return;  // the eigenvalues are written already
-  int* iwork = reinterpret_cast<int*>(smem + tridiag::workspace_doubles(n));
-  const double* t = tri + b * 3 * int64_t(n);
-  for (int i = threadIdx.x; i < 3 * n; i += blockDim.x) smem[3 * n + i] = t[i];  // d, e, e2
-  __syncthreads();
-  tridiag::bisect<tridiag::kPoints>(n, smem, iwork, w_out + b * n, e, threadIdx.x, blockDim.x, BlockSync{});
 }
 
 __global__ void __launch_bounds__(cholesky::kPanelThreads, 2)
@@ -205,72 +262,76 @@ void allow_smem(Kernel kernel, int64_t bytes) {
   });
 }
 
-// Blocks of `kernel` launched with (threads, smem bytes) that fit on the current device at once.
-int64_t resident_blocks(const void* kernel, int threads, int64_t smem) {
-  return kernel_fact(kernel, threads, smem, [&](int device) {
-    int sms = 0, per_sm = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+// Blocks of `kernel` launched with (threads, smem bytes) that fit on one SM of the current device
+// at once, and its SMs.
+struct Residency {
+  int64_t per_sm = 0, sms = 0;
+};
+Residency residency(const void* kernel, int threads, int64_t smem) {
+  Residency r;
+  r.per_sm = kernel_fact(kernel, threads, smem, [&](int) {
+    int per_sm = 0;
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, static_cast<size_t>(smem)));
-    return int64_t(sms) * per_sm;
+    return int64_t(per_sm);
   });
+  r.sms = kernel_fact(nullptr, 0, 0, [](int device) {
+    int sms = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    return int64_t(sms);
+  });
+  return r;
 }
 
-// A CUDA event without timing, destroyed with its scope (the driver releases it once the work
-// that records or waits on it is done).
-struct Event {
-  cudaEvent_t event = nullptr;
-  Event() { C10_CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming)); }
-  ~Event() { C10_CUDA_CHECK_WARN(cudaEventDestroy(event)); }
-  Event(const Event&) = delete;
-  Event& operator=(const Event&) = delete;
-  operator cudaEvent_t() const { return event; }
-};
+// Bisections a tail launch's spare SM takes on: three share an SM's fp64 pipe about as fast as
+// the tail reduces at n = 128 (an H100: four took 217 us against the tail's 178); the others wait
+// for the last launch, beside the tail's own.
+constexpr int64_t kSpareBisectsPerSM = 3;
 
 // The reduction to tridiagonal form by `kernel` (threads, smem bytes; it writes tri and scale),
 // then the bisection. When the reduction takes more than one wave of blocks and the last is
-// partial, it runs as two launches, the full waves and then the tail, and the bisection of the
-// full waves' matrices runs on a side stream beside the tail, on the SMs the tail leaves idle;
-// each matrix goes through the same two kernels either way, so the bits do not change.
+// partial, it runs as two launches, the full waves and then the tail, and the tail's launch
+// carries extra blocks that bisect the full waves' matrices on the SMs the tail leaves idle (one
+// launch: a bisection on a side stream could take every SM first, each block leaving too few
+// registers for a regs-kernel block, and hold the tail back by a whole bisection, as seen on an
+// H100). Each matrix goes through the same reduction and bisection code either way, so the bits
+// do not change.
 template <typename Kernel>
 void eigvalsh_two_launches(const at::Tensor& a64, at::Tensor& w, Kernel kernel, int threads, int64_t smem) {
   const int64_t batch = a64.size(0);
   const int n = static_cast<int>(a64.size(1));
-  const c10::cuda::CUDAStream main = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor tri = at::empty({batch, 3 * n}, a64.options());
   at::Tensor scale = at::empty({batch}, a64.options().dtype(at::kInt));
-  allow_smem(kernel, smem);
-  constexpr int kBisectThreads = 128;  // one lane per eigenvalue at n = 128: 147 against 155 us for 256 (H100)
-  const int64_t bisect_smem = tridiag::workspace_doubles(n) * int64_t(sizeof(double)) +
-                              tridiag::grid_points(n, kBisectThreads) * int64_t(sizeof(int));
-  auto reduce = [&](int64_t first, int64_t count) {
-    kernel<<<static_cast<unsigned>(count), threads, static_cast<size_t>(smem), main.stream()>>>(
-        a64.data_ptr<double>() + first * n * n, n, tri.data_ptr<double>() + first * 3 * n,
-        scale.data_ptr<int>() + first, w.data_ptr<double>() + first * n);
+  GG_CHECK(threads % kBisectThreads == 0 && threads <= kMaxBisectGroups * kBisectThreads,
+           "sym_eigh: reduction blocks of ", threads, " threads");
+  const int groups = threads / kBisectThreads;
+  const int64_t tail_smem = std::max<int64_t>(smem, groups * bisect_smem_bytes(n));
+  allow_smem(kernel, tail_smem);
+  auto reduce = [&](const ReduceLaunch& rl, int64_t bytes) {
+    kernel<<<static_cast<unsigned>(rl.blocks()), threads, static_cast<size_t>(bytes), stream>>>(
+        a64.data_ptr<double>(), n, tri.data_ptr<double>(), scale.data_ptr<int>(), w.data_ptr<double>(), rl);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
-  auto bisect = [&](int64_t first, int64_t count, cudaStream_t stream) {
-    tridiag_bisect_kernel<<<static_cast<unsigned>(count), kBisectThreads, static_cast<size_t>(bisect_smem), stream>>>(
-        tri.data_ptr<double>() + first * 3 * n, scale.data_ptr<int>() + first, n, w.data_ptr<double>() + first * n);
+  auto bisect = [&](int64_t first, int64_t count) {
+    tridiag_bisect_kernel<<<static_cast<unsigned>(count), kBisectThreads, static_cast<size_t>(bisect_smem_bytes(n)),
+                            stream>>>(tri.data_ptr<double>() + first * 3 * n, scale.data_ptr<int>() + first, n,
+                                      w.data_ptr<double>() + first * n);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
-  const int64_t wave = resident_blocks(reinterpret_cast<const void*>(kernel), threads, smem);
+  const Residency res = residency(reinterpret_cast<const void*>(kernel), threads, smem);
+  const int64_t wave = res.per_sm * res.sms;
   const int64_t tail = wave > 0 ? batch % wave : 0;
   if (batch <= wave || tail == 0) {
-    reduce(0, batch);
-    bisect(0, batch, main.stream());
+    reduce(ReduceLaunch{0, batch, 0, 1}, smem);
+    bisect(0, batch);
     return;
   }
   const int64_t head = batch - tail;
-  const Event reduced, bisected;
-  const c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool(/*isHighPriority=*/false, main.device_index());
-  reduce(0, head);
-  C10_CUDA_CHECK(cudaEventRecord(reduced, main.stream()));
-  reduce(head, tail);  // queued first, so that it takes its SMs before the side stream's blocks
-  C10_CUDA_CHECK(cudaStreamWaitEvent(side.stream(), reduced, 0));
-  bisect(0, head, side.stream());
-  C10_CUDA_CHECK(cudaEventRecord(bisected, side.stream()));
-  bisect(head, tail, main.stream());
-  C10_CUDA_CHECK(cudaStreamWaitEvent(main.stream(), bisected, 0));  // tri, scale and w are freed on main
+  const int per_block = static_cast<int>(std::clamp<int64_t>(kSpareBisectsPerSM / res.per_sm, 1, groups));
+  const int64_t early = std::min(head, (wave - tail) * per_block);  // bisected beside the tail
+  reduce(ReduceLaunch{0, head, 0, 1}, smem);
+  reduce(ReduceLaunch{head, tail, early, per_block}, tail_smem);
+  bisect(early, batch - early);
 }
 
 void eigvalsh_cuda(const at::Tensor& a64, at::Tensor& w) {
