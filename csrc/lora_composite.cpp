@@ -247,8 +247,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_svdvals(at::TensorList Bs, a
   const at::Tensor x = at::matmul(at::matmul(L.mT(), ga), L);
 #ifdef GRADGEOM_WITH_CUDA
   if (x.is_cuda()) {  // the elementwise end fused (gram_stage.h)
-    const auto [sv, ill] = gram_stage::spectrum(sym_eigvalsh(x.contiguous()), stage_adapters(s),
-                                                flag_ill ? error_bound(gb, ga) : at::Tensor());
+    const auto [sv, ill] = gram_stage::spectrum(sym_eigvalsh(x.contiguous()), stage_adapters(s), gb, ga, flag_ill);
     return {sv, flag_ill ? ill : none_ill(), fro};
   }
 #endif
@@ -332,8 +331,7 @@ at::Tensor principal_angles_cuda(at::TensorList Bs, const at::Tensor& gb, const 
   const auto [lam, V] = sym_eigh(gb, /*vectors=*/true);
   const at::Tensor F = stage::scaled_columns(V, lam);
   const auto [mu, W] = sym_eigh(stage::symmetric_part(at::bmm(at::bmm(F.mT(), ga), F)), /*vectors=*/true);
-  const at::Tensor bound = flag_ill ? error_bound(gb, ga) : at::Tensor();
-  const stage::Coefficients c = stage::coefficients(lam, V, mu, W, gb, ga, stage_adapters(s), bound);
+  const stage::Coefficients c = stage::coefficients(lam, V, mu, W, gb, ga, stage_adapters(s), flag_ill);
   const at::Tensor T = at::bmm(c.left, c.right);
   const at::Tensor C = at::bmm(at::bmm(T.narrow(0, 0, n).mT(), cross_grams(Bs, n)), T.narrow(0, n, n));
   const at::Tensor w = sym_eigvalsh(stage::symmetric_part(at::bmm(C.mT(), C)));

@@ -40,6 +40,33 @@ __device__ __forceinline__ double cond_tol(const Adapters& ad, int64_t i) {
   return per_adapter(ad.fp64, i) ? ad.cond_tol_fp64 : ad.cond_tol_fp32;
 }
 
+// Σ x² over thread `tid`'s share (every kThreads-th entry) of `count` entries, summed by the
+// block in a fixed order (lanes by a shuffle tree, then the warps' sums in warp order by
+// thread 0, whose value is returned; the others return 0). Every thread must call it.
+__device__ double block_sum_of_squares(const double* x, int64_t count, double* warp_sums) {
+  double acc = 0.0;
+  for (int64_t e = threadIdx.x; e < count; e += kThreads) acc = fma(x[e], x[e], acc);
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) acc += __shfl_down_sync(0xffffffffu, acc, offset);
+  if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x / 32] = acc;
+  __syncthreads();
+  double total = 0.0;
+  if (threadIdx.x == 0)
+    for (int w = 0; w < kThreads / 32; ++w) total += warp_sums[w];
+  __syncthreads();  // warp_sums may be reused
+  return total;
+}
+
+// ‖G_B‖_F·‖G_A‖_F of one adapter (the R x R Grams at gb and ga), on thread 0: the scale of the
+// eigenvalue error of M (_lora_core.error_bound), with its squares summed in this kernel's order
+// rather than torch.linalg.matrix_norm's, and NaN where either Gram holds NaN or Inf.
+__device__ double error_bound(const double* gb, const double* ga, int64_t RR) {
+  __shared__ double warp_sums[kThreads / 32];
+  const double b = block_sum_of_squares(gb, RR, warp_sums);
+  const double a = block_sum_of_squares(ga, RR, warp_sums);
+  return ::sqrt(b) * ::sqrt(a);
+}
+
 __global__ void scaled_columns_kernel(const double* V, const double* lam, int64_t total, int R, double* F) {
   const int64_t RR = int64_t(R) * R;
   for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x)
@@ -58,7 +85,7 @@ __global__ void symmetric_part_kernel(const double* x, int64_t total, int R, dou
 // Block m: matrix m. Shared: λ^-½ (0 where λ <= 0) and keep (1.0 / 0.0) per column.
 __global__ void __launch_bounds__(kThreads) coefficients_kernel(const double* lam, const double* V, const double* mu,
                                                                 const double* W, const double* gb, const double* ga,
-                                                                int R, Adapters ad, const double* bound, double* left,
+                                                                int R, Adapters ad, bool flags, double* left,
                                                                 double* right, int64_t* rank, double* nonfinite,
                                                                 bool* ill) {
   __shared__ double inv[kMaxR];
@@ -88,27 +115,31 @@ __global__ void __launch_bounds__(kThreads) coefficients_kernel(const double* la
   __syncthreads();
   if (kept) atomicAdd(&total_kept, kept);
   const bool any_bad = __syncthreads_or(bad);
+  const double bound = flags ? error_bound(gb + m * RR, ga + m * RR, RR) : 0.0;
   if (threadIdx.x != 0) return;
   rank[m] = total_kept;
   nonfinite[m] = any_bad ? std::numeric_limits<double>::quiet_NaN() : 0.0;
-  if (ill == nullptr) return;
+  if (!flags) return;
   const double mu_first = R > 0 ? clamp_min(mu[m * R + R - 1], 0.0) : 0.0;
   const double mu_min = srank > 0 ? clamp_min(mu[m * R + (R - srank)], 0.0) : 0.0;
-  ill[m] = below_resolution(mu_first, mu_min, srank, bound[m], cond_tol(ad, m)) ||
+  ill[m] = below_resolution(mu_first, mu_min, srank, bound, cond_tol(ad, m)) ||
            (srank < per_adapter(ad.rank, m) && mu_first > 0);  // r > min(d, k): no unique basis
 }
 
 // Block i: adapter i. μ_j = max(w_{R-1-j}, 0) below the structural rank, else exactly 0.
-__global__ void __launch_bounds__(kThreads) spectrum_kernel(const double* w, int R, Adapters ad, const double* bound,
-                                                            double* sv, bool* ill) {
+__global__ void __launch_bounds__(kThreads) spectrum_kernel(const double* w, int R, Adapters ad, const double* gb,
+                                                            const double* ga, double* sv, bool* ill) {
   const int64_t i = blockIdx.x;
   const int64_t srank = per_adapter(ad.srank, i);
   for (int j = threadIdx.x; j < R; j += kThreads)
     sv[i * R + j] = ::sqrt(j < srank ? clamp_min(w[i * R + (R - 1 - j)], 0.0) : 0.0);
-  if (ill == nullptr || threadIdx.x != 0) return;
+  if (ill == nullptr) return;
+  const int64_t RR = int64_t(R) * R;
+  const double bound = error_bound(gb + i * RR, ga + i * RR, RR);
+  if (threadIdx.x != 0) return;
   const double mu_first = srank > 0 ? clamp_min(w[i * R + R - 1], 0.0) : 0.0;
   const double mu_min = srank > 0 ? clamp_min(w[i * R + (R - srank)], 0.0) : 0.0;
-  ill[i] = below_resolution(mu_first, mu_min, srank, bound[i], cond_tol(ad, i));
+  ill[i] = below_resolution(mu_first, mu_min, srank, bound, cond_tol(ad, i));
 }
 
 // Block i: pair i. Shared: the squared angles, summed in ascending order by thread 0.
@@ -177,8 +208,7 @@ at::Tensor symmetric_part(const at::Tensor& x) {
 }
 
 Coefficients coefficients(const at::Tensor& lam, const at::Tensor& V, const at::Tensor& mu, const at::Tensor& W,
-                          const at::Tensor& gb, const at::Tensor& ga, const Adapters& adapters,
-                          const at::Tensor& bound) {
+                          const at::Tensor& gb, const at::Tensor& ga, const Adapters& adapters, bool flags) {
   const int64_t m = V.size(0), R = V.size(-1);
   GG_CHECK(R <= kMaxR, "gram_stage: R = ", R, " above ", kMaxR);
   check_batch("V", V, m, R, 3);
@@ -187,8 +217,6 @@ Coefficients coefficients(const at::Tensor& lam, const at::Tensor& V, const at::
   check_batch("ga", ga, m, R, 3);
   check_batch("lam", lam, m, R, 2);
   check_batch("mu", mu, m, R, 2);
-  const bool flags = bound.defined();
-  if (flags) check_batch("bound", bound, m, R, 1);
   const c10::cuda::CUDAGuard guard(V.device());
   Coefficients c{at::empty_like(V), at::empty_like(V), at::empty({m}, V.options().dtype(at::kLong)),
                  at::empty({m}, V.options()), flags ? at::empty({m}, V.options().dtype(at::kBool)) : at::Tensor()};
@@ -196,26 +224,29 @@ Coefficients coefficients(const at::Tensor& lam, const at::Tensor& V, const at::
   coefficients_kernel<<<static_cast<unsigned>(m), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       lam.const_data_ptr<double>(), V.const_data_ptr<double>(), mu.const_data_ptr<double>(),
       W.const_data_ptr<double>(), gb.const_data_ptr<double>(), ga.const_data_ptr<double>(), static_cast<int>(R),
-      adapters, flags ? bound.const_data_ptr<double>() : nullptr, c.left.data_ptr<double>(),
+      adapters, flags, c.left.data_ptr<double>(),
       c.right.data_ptr<double>(), c.rank.data_ptr<int64_t>(), c.nonfinite.data_ptr<double>(),
       flags ? c.ill.data_ptr<bool>() : nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return c;
 }
 
-std::tuple<at::Tensor, at::Tensor> spectrum(const at::Tensor& w, const Adapters& adapters, const at::Tensor& bound) {
+std::tuple<at::Tensor, at::Tensor> spectrum(const at::Tensor& w, const Adapters& adapters, const at::Tensor& gb,
+                                            const at::Tensor& ga, bool flags) {
   const int64_t n = w.size(0), R = w.size(-1);
   check_batch("w", w, n, R, 2);
-  const bool flags = bound.defined();
-  if (flags) check_batch("bound", bound, n, R, 1);
+  if (flags) {
+    check_batch("gb", gb, n, R, 3);
+    check_batch("ga", ga, n, R, 3);
+  }
   const c10::cuda::CUDAGuard guard(w.device());
   at::Tensor sv = at::empty_like(w);
   at::Tensor ill = flags ? at::empty({n}, w.options().dtype(at::kBool)) : at::Tensor();
   if (n == 0) return {sv, ill};
   GG_CHECK(n < (int64_t(1) << 31), "gram_stage: too many adapters (", n, ")");
   spectrum_kernel<<<static_cast<unsigned>(n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      w.const_data_ptr<double>(), static_cast<int>(R), adapters, flags ? bound.const_data_ptr<double>() : nullptr,
-      sv.data_ptr<double>(), flags ? ill.data_ptr<bool>() : nullptr);
+      w.const_data_ptr<double>(), static_cast<int>(R), adapters, flags ? gb.const_data_ptr<double>() : nullptr,
+      flags ? ga.const_data_ptr<double>() : nullptr, sv.data_ptr<double>(), flags ? ill.data_ptr<bool>() : nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {sv, ill};
 }

@@ -4,8 +4,10 @@
 // of 70); lora_svdvals ends in one kernel instead of up to a dozen. Each value is computed with
 // the IEEE operations and device functions of the ATen kernels it replaces, in the same order, so
 // the results keep the bits of the ATen statement (gradgeom._lora_core); only the Grassmann
-// distance sums its squares in its own (ascending) order, and a non-finite flag is the canonical
-// NaN.
+// distance sums its squares in its own (ascending) order, a non-finite flag is the canonical NaN,
+// and the flags' error bound ‖G_B‖_F·‖G_A‖_F sums its squares in its own order in the kernel that
+// compares against it (two reductions and a product fewer; a flag can differ from the statement's
+// only where μ_min lies within a rounding of the threshold).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -49,17 +51,18 @@ struct Coefficients {
 
 // The rest of _lora_core.gram_bases after the second eigen-decomposition: from G_B = V·diag(λ)·Vᵀ
 // (lam ascending) and M = W·diag(μ)·Wᵀ (mu ascending) the two factors of T = left·right, the
-// ranks, and (bound defined: ‖G_B‖_F·‖G_A‖_F float64 [m]) the ill-conditioning flags; gb and ga
-// (float64 [m, R, R]) for the non-finite flag. All contiguous on one CUDA device.
+// ranks, and (with flags) the ill-conditioning flags; gb and ga (float64 [m, R, R]) for the
+// non-finite flag and the error bound. All contiguous on one CUDA device.
 Coefficients coefficients(const at::Tensor& lam, const at::Tensor& V, const at::Tensor& mu, const at::Tensor& W,
-                          const at::Tensor& gb, const at::Tensor& ga, const Adapters& adapters,
-                          const at::Tensor& bound);
+                          const at::Tensor& gb, const at::Tensor& ga, const Adapters& adapters, bool flags);
 
 // The end of _lora_core.gram_spectrum and the composite's lora_svdvals: from the eigenvalues w
 // (float64 [n, R], ascending, contiguous CUDA) of M, the singular values √μ (float64 [n, R],
-// descending, exactly 0 at and beyond each structural rank) and, with bound defined
-// (‖G_B‖_F·‖G_A‖_F float64 [n]), the ill-conditioning flags (bool [n], else undefined).
-std::tuple<at::Tensor, at::Tensor> spectrum(const at::Tensor& w, const Adapters& adapters, const at::Tensor& bound);
+// descending, exactly 0 at and beyond each structural rank) and, with flags, the
+// ill-conditioning flags (bool [n], else undefined), whose error bound is read from the Grams gb
+// and ga (float64 [n, R, R], contiguous; only read with flags).
+std::tuple<at::Tensor, at::Tensor> spectrum(const at::Tensor& w, const Adapters& adapters, const at::Tensor& gb,
+                                            const at::Tensor& ga, bool flags);
 
 // The composite's output rows from the eigenvalues w (float64 [n, K], ascending) of CᵀC for the n
 // pairs, whose sides are adapters i and n + i of rank/nonfinite/ill ([2n]; ill may be undefined):
