@@ -31,7 +31,7 @@ import math
 import operator
 from dataclasses import asdict, dataclass, fields
 from itertools import repeat
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -210,12 +210,32 @@ def _exact_rows(Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor], method: 
     return redo
 
 
-def _rows_to_redo(method: str, n: int, ill: torch.Tensor) -> list[int]:
+def _read_flags(ill: torch.Tensor) -> Callable[[], list[int]]:
+    """Queue the copy of the flags ``ill [n]`` (bool) to the host now; the returned function
+    waits for it and gives the flagged indices. On CUDA the copy goes to pinned memory and is
+    waited for through an event, so host work done in between overlaps it and the device's."""
+    if ill.device.type != "cuda":
+        return lambda: ill.nonzero().flatten().tolist()
+    host = ill.to("cpu", non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record(torch.cuda.current_stream(ill.device))
+
+    def flagged() -> list[int]:
+        copied.synchronize()
+        return host.nonzero().flatten().tolist()
+
+    return flagged
+
+
+def _rows_to_redo(method: str, n: int, ill: torch.Tensor, flagged: Optional[Callable[[], list[int]]] = None) -> list[int]:
     """The rows ``method`` takes by the exact route: none (``"gram"``), all (``"qr"``) or the
-    flagged ones (``"auto"``, the one host read)."""
+    flagged ones (``"auto"``, the one host read; ``flagged`` from :func:`_read_flags` when the
+    copy was queued earlier)."""
     if method == "gram":
         return []
-    return list(range(n)) if method == "qr" else ill.cpu().nonzero().flatten().tolist()  # one copy, no device select
+    if method == "qr":
+        return list(range(n))
+    return (flagged or _read_flags(ill))()
 
 
 def _recompute_exact(Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor], rows: list[int], sv: torch.Tensor) -> None:
@@ -242,8 +262,9 @@ def _svdval_rows(sv: torch.Tensor, ill: torch.Tensor, method: str, Bs: list, As:
     """The rows of ``sv [n, R]`` scaled by ``s`` and cut to each r (:func:`_rows_of`), with the
     rows ``method`` takes by the exact route recomputed. The rows are cut before ``ill`` is read
     back, so that this host work overlaps the device's; recomputed rows are cut anew."""
+    flagged = _read_flags(ill) if method == "auto" else None
     rows = _rows_of(_scale(sv, s), Bs)
-    redo = _rows_to_redo(method, sv.shape[0], ill)
+    redo = _rows_to_redo(method, sv.shape[0], ill, flagged)
     if not redo:
         return rows
     _recompute_exact(Bs, As, redo, sv)
