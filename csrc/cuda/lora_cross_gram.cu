@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <type_traits>
 
 #include "gradgeom/cached_upload.cuh"
@@ -200,21 +201,13 @@ struct TypeTag {
   using type = T;
 };
 
-enum class Uniform { kFloat64, kFloat32, kFloat16, kBFloat16, kMixed };
-
-// The element type all factors of the plan share, or kMixed.
-Uniform uniform_type(const CrossGramPlan& plan) {
-  if (plan.left.empty()) return Uniform::kMixed;
+// The element type all factors of the plan share, if they share one.
+std::optional<ElemType> shared_type(const CrossGramPlan& plan) {
+  if (plan.left.empty()) return std::nullopt;
   const ElemType t = plan.left[0].type;
   for (size_t i = 0; i < plan.left.size(); ++i)
-    if (plan.left[i].type != t || plan.right[i].type != t) return Uniform::kMixed;
-  switch (t) {
-    case ElemType::kFloat64: return Uniform::kFloat64;
-    case ElemType::kFloat32: return Uniform::kFloat32;
-    case ElemType::kFloat16: return Uniform::kFloat16;
-    case ElemType::kBFloat16: return Uniform::kBFloat16;
-    default: return Uniform::kMixed;
-  }
+    if (plan.left[i].type != t || plan.right[i].type != t) return std::nullopt;
+  return t;
 }
 
 at::Tensor lora_cross_gram_cuda(at::TensorList B1s, at::TensorList B2s) {
@@ -263,12 +256,16 @@ at::Tensor lora_cross_gram_cuda(at::TensorList B1s, at::TensorList B2s) {
     else
       cross_gram_kernel<32, T><<<grid, kThreads, 0, stream>>>(dev_pairs, R, slices, out.data_ptr<double>());
   };
-  switch (uniform_type(plan)) {
-    case Uniform::kFloat64: launch(TypeTag<double>{}); break;
-    case Uniform::kFloat32: launch(TypeTag<float>{}); break;
-    case Uniform::kFloat16: launch(TypeTag<__half>{}); break;
-    case Uniform::kBFloat16: launch(TypeTag<__nv_bfloat16>{}); break;
-    default: launch(TypeTag<void>{}); break;
+  const std::optional<ElemType> shared = shared_type(plan);
+  if (!shared) {
+    launch(TypeTag<void>{});  // mixed types: the per-element switch
+  } else {
+    switch (*shared) {
+      case ElemType::kFloat64: launch(TypeTag<double>{}); break;
+      case ElemType::kFloat32: launch(TypeTag<float>{}); break;
+      case ElemType::kFloat16: launch(TypeTag<__half>{}); break;
+      case ElemType::kBFloat16: launch(TypeTag<__nv_bfloat16>{}); break;
+    }
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (slices.count > 1) {
