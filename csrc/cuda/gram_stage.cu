@@ -40,31 +40,50 @@ __device__ __forceinline__ double cond_tol(const Adapters& ad, int64_t i) {
   return per_adapter(ad.fp64, i) ? ad.cond_tol_fp64 : ad.cond_tol_fp32;
 }
 
-// Σ x² over thread `tid`'s share (every kThreads-th entry) of `count` entries, summed by the
-// block in a fixed order (lanes by a shuffle tree, then the warps' sums in warp order by
-// thread 0, whose value is returned; the others return 0). Every thread must call it.
-__device__ double block_sum_of_squares(const double* x, int64_t count, double* warp_sums) {
-  double acc = 0.0;
-  for (int64_t e = threadIdx.x; e < count; e += kThreads) acc = fma(x[e], x[e], acc);
+// ‖G_B‖_F·‖G_A‖_F of one adapter (the symmetric R x R Grams at gb and ga), on thread 0 (the
+// others get 0): the scale of the eigenvalue error of M (_lora_core.error_bound). Each sum of
+// squares reads its lower triangle (the diagonal once, the rest twice) in this kernel's own fixed
+// order (a warp takes two rows at a time, 128 columns of each per pass, every load of the pass in
+// flight at once; then a shuffle tree and the warps in order), not torch.linalg.matrix_norm's;
+// NaN and Inf propagate. Every thread must call it.
+__device__ double error_bound(const double* gb, const double* ga, int R) {
+  constexpr int kWarps = kThreads / 32;
+  __shared__ double2 warp_sums[kWarps];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  double b = 0.0, a = 0.0;
+  for (int i0 = warp; i0 < R; i0 += 2 * kWarps) {
+    for (int j0 = 0; j0 <= i0 + kWarps && j0 < R; j0 += 128) {
+      double vb[8], va[8];
 #pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) acc += __shfl_down_sync(0xffffffffu, acc, offset);
-  if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x / 32] = acc;
+      for (int u = 0; u < 8; ++u) {
+        const int i = u < 4 ? i0 : i0 + kWarps, j = j0 + lane + 32 * (u & 3);
+        const bool in = i < R && j <= i;
+        vb[u] = in ? gb[int64_t(i) * R + j] : 0.0;
+        va[u] = in ? ga[int64_t(i) * R + j] : 0.0;
+      }
+#pragma unroll
+      for (int u = 0; u < 8; ++u) {
+        const int i = u < 4 ? i0 : i0 + kWarps, j = j0 + lane + 32 * (u & 3);
+        const double twice = j == i ? 1.0 : 2.0;  // exact: the off-diagonal entry stands for two
+        b = fma(twice * vb[u], vb[u], b);
+        a = fma(twice * va[u], va[u], a);
+      }
+    }
+  }
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) {
+    b += __shfl_down_sync(0xffffffffu, b, offset);
+    a += __shfl_down_sync(0xffffffffu, a, offset);
+  }
+  if (lane == 0) warp_sums[warp] = make_double2(b, a);
   __syncthreads();
-  double total = 0.0;
-  if (threadIdx.x == 0)
-    for (int w = 0; w < kThreads / 32; ++w) total += warp_sums[w];
-  __syncthreads();  // warp_sums may be reused
-  return total;
-}
-
-// ‖G_B‖_F·‖G_A‖_F of one adapter (the R x R Grams at gb and ga), on thread 0: the scale of the
-// eigenvalue error of M (_lora_core.error_bound), with its squares summed in this kernel's order
-// rather than torch.linalg.matrix_norm's, and NaN where either Gram holds NaN or Inf.
-__device__ double error_bound(const double* gb, const double* ga, int64_t RR) {
-  __shared__ double warp_sums[kThreads / 32];
-  const double b = block_sum_of_squares(gb, RR, warp_sums);
-  const double a = block_sum_of_squares(ga, RR, warp_sums);
-  return ::sqrt(b) * ::sqrt(a);
+  if (threadIdx.x != 0) return 0.0;
+  double sb = 0.0, sa = 0.0;
+  for (int w = 0; w < kWarps; ++w) {
+    sb += warp_sums[w].x;
+    sa += warp_sums[w].y;
+  }
+  return ::sqrt(sb) * ::sqrt(sa);
 }
 
 __global__ void scaled_columns_kernel(const double* V, const double* lam, int64_t total, int R, double* F) {
@@ -115,7 +134,7 @@ __global__ void __launch_bounds__(kThreads) coefficients_kernel(const double* la
   __syncthreads();
   if (kept) atomicAdd(&total_kept, kept);
   const bool any_bad = __syncthreads_or(bad);
-  const double bound = flags ? error_bound(gb + m * RR, ga + m * RR, RR) : 0.0;
+  const double bound = flags ? error_bound(gb + m * RR, ga + m * RR, R) : 0.0;
   if (threadIdx.x != 0) return;
   rank[m] = total_kept;
   nonfinite[m] = any_bad ? std::numeric_limits<double>::quiet_NaN() : 0.0;
@@ -135,7 +154,7 @@ __global__ void __launch_bounds__(kThreads) spectrum_kernel(const double* w, int
     sv[i * R + j] = ::sqrt(j < srank ? clamp_min(w[i * R + (R - 1 - j)], 0.0) : 0.0);
   if (ill == nullptr) return;
   const int64_t RR = int64_t(R) * R;
-  const double bound = error_bound(gb + i * RR, ga + i * RR, RR);
+  const double bound = error_bound(gb + i * RR, ga + i * RR, R);
   if (threadIdx.x != 0) return;
   const double mu_first = srank > 0 ? clamp_min(w[i * R + R - 1], 0.0) : 0.0;
   const double mu_min = srank > 0 ? clamp_min(w[i * R + (R - srank)], 0.0) : 0.0;

@@ -51,16 +51,16 @@ struct Coefficients {
 
 // The rest of _lora_core.gram_bases after the second eigen-decomposition: from G_B = V·diag(λ)·Vᵀ
 // (lam ascending) and M = W·diag(μ)·Wᵀ (mu ascending) the two factors of T = left·right, the
-// ranks, and (with flags) the ill-conditioning flags; gb and ga (float64 [m, R, R]) for the
-// non-finite flag and the error bound. All contiguous on one CUDA device.
+// ranks, and (with flags) the ill-conditioning flags; the symmetric gb and ga (float64
+// [m, R, R]) for the non-finite flag and the error bound. All contiguous on one CUDA device.
 Coefficients coefficients(const at::Tensor& lam, const at::Tensor& V, const at::Tensor& mu, const at::Tensor& W,
                           const at::Tensor& gb, const at::Tensor& ga, const Adapters& adapters, bool flags);
 
 // The end of _lora_core.gram_spectrum and the composite's lora_svdvals: from the eigenvalues w
 // (float64 [n, R], ascending, contiguous CUDA) of M, the singular values √μ (float64 [n, R],
 // descending, exactly 0 at and beyond each structural rank) and, with flags, the
-// ill-conditioning flags (bool [n], else undefined), whose error bound is read from the Grams gb
-// and ga (float64 [n, R, R], contiguous; only read with flags).
+// ill-conditioning flags (bool [n], else undefined), whose error bound is read from the
+// symmetric Grams gb and ga (float64 [n, R, R], contiguous; lower triangles read, only with flags).
 std::tuple<at::Tensor, at::Tensor> spectrum(const at::Tensor& w, const Adapters& adapters, const at::Tensor& gb,
                                             const at::Tensor& ga, bool flags);
 
