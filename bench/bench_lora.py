@@ -166,9 +166,10 @@ def _bench(benchmark, device, setup, label):
     fn, scale = cases(Bs, As, Bst, Ast)[label]
 
     def timed():
-        fn()
+        out = fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
+        return out  # freed after the timer stops, as in timing.median_ms
 
     slow = "svdvals (≈" in label or "eigh" in label
     benchmark.pedantic(timed, rounds=3 if slow else 15, warmup_rounds=1 if slow else 3)
@@ -223,9 +224,10 @@ def _angle_pairs(device: str):
 
 def _pedantic(benchmark, dev: torch.device, fn) -> None:
     def timed():
-        fn()
+        out = fn()
         if dev.type == "cuda":
             torch.cuda.synchronize()
+        return out  # freed after the timer stops
 
     benchmark.pedantic(timed, rounds=15, warmup_rounds=3)
 
