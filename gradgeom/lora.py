@@ -229,13 +229,14 @@ def _read_flags(ill: torch.Tensor) -> Callable[[], list[int]]:
 
 def _rows_to_redo(method: str, n: int, ill: torch.Tensor, flagged: Optional[Callable[[], list[int]]] = None) -> list[int]:
     """The rows ``method`` takes by the exact route: none (``"gram"``), all (``"qr"``) or the
-    flagged ones (``"auto"``, the one host read; ``flagged`` from :func:`_read_flags` when the
-    copy was queued earlier)."""
+    flagged ones (``"auto"``, the one host read: ``flagged`` from :func:`_read_flags` when the
+    copy was queued earlier, else one blocking copy, which costs less host time when nothing
+    would overlap it)."""
     if method == "gram":
         return []
     if method == "qr":
         return list(range(n))
-    return (flagged or _read_flags(ill))()
+    return flagged() if flagged is not None else ill.cpu().nonzero().flatten().tolist()
 
 
 def _recompute_exact(Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor], rows: list[int], sv: torch.Tensor) -> None:
