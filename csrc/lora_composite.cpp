@@ -42,6 +42,8 @@
 #include "gradgeom/gram_stage.h"
 #include "gradgeom/check.h"
 #include "gradgeom/device_upload.h"
+#include "gradgeom/early_flags.h"
+#include "gradgeom/eigvalsh_staged.h"
 #include "gradgeom/lora_tolerances.h"
 #include "gradgeom/rxr_check.h"
 #include "gradgeom/typed_op.h"
@@ -246,9 +248,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_svdvals(at::TensorList Bs, a
   const at::Tensor L = psd_factor(gb, s);
   const at::Tensor x = at::matmul(at::matmul(L.mT(), ga), L);
 #ifdef GRADGEOM_WITH_CUDA
-  if (x.is_cuda()) {  // the elementwise end fused (gram_stage.h)
-    const auto [sv, ill] = gram_stage::spectrum(sym_eigvalsh(x.contiguous()), stage_adapters(s), gb, ga, flag_ill);
-    return {sv, flag_ill ? ill : none_ill(), fro};
+  if (x.is_cuda()) {  // the elementwise end fused (gram_stage.h), the flags on the host early
+    const gram_stage::Adapters adapters = stage_adapters(s);
+    early_flags::HostCopy flags;
+    bool staged = false;
+    const at::Tensor w = sym_eigvalsh_staged(
+        x.contiguous(),
+        [&](const at::Tensor& tri, const at::Tensor& scale, const at::Tensor& w_out) {
+          if (flag_ill)
+            flags.start([&] { return gram_stage::tridiagonal_flags(tri, scale, w_out, adapters, gb, ga); });
+        },
+        &staged);
+    const auto [sv, ill] = gram_stage::spectrum(w, adapters, gb, ga, flag_ill && !staged);
+    if (!flag_ill) return {sv, none_ill(), fro};
+    return {sv, staged ? flags.finish() : ill, fro};
   }
 #endif
   const at::Tensor mu = beyond_rank(eigvalsh(x.contiguous()).clamp_min(0).flip(-1), s.srank);  // lower triangle read

@@ -21,6 +21,7 @@
 #include <tuple>
 #include <vector>
 
+#include "gradgeom/early_flags.h"
 #include "gradgeom/typed_op.h"
 
 namespace gradgeom {
@@ -162,7 +163,47 @@ PyObject* lora_call(PyObject* /*self*/, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
+// _early_flags(ill) -> list of the set flags' indices, or None (early_flags::take).
+PyObject* early_flags_of(PyObject* /*self*/, PyObject* ill) {
+  HANDLE_TH_ERRORS
+  if (!THPVariable_Check(ill)) {
+    PyErr_SetString(PyExc_TypeError, "_early_flags: ill must be a torch.Tensor");
+    return nullptr;
+  }
+  const at::Tensor& t = THPVariable_Unpack(ill);
+  const auto set = [&] {
+    const pybind11::gil_scoped_release no_gil;  // the wait for the copy
+    return early_flags::take(t);
+  }();
+  if (!set) Py_RETURN_NONE;
+  PyObject* out = PyList_New(static_cast<Py_ssize_t>(set->size()));
+  if (out == nullptr) return nullptr;
+  for (size_t i = 0; i < set->size(); ++i) {
+    PyObject* v = PyLong_FromLongLong((*set)[i]);
+    if (v == nullptr) {
+      Py_DECREF(out);
+      return nullptr;
+    }
+    PyList_SET_ITEM(out, static_cast<Py_ssize_t>(i), v);
+  }
+  return out;
+  END_HANDLE_TH_ERRORS
+}
+
+// _early_flags_pending(ill) -> bool (early_flags::pending).
+PyObject* early_flags_pending(PyObject* /*self*/, PyObject* ill) {
+  HANDLE_TH_ERRORS
+  if (THPVariable_Check(ill) && early_flags::pending(THPVariable_Unpack(ill))) Py_RETURN_TRUE;
+  Py_RETURN_FALSE;
+  END_HANDLE_TH_ERRORS
+}
+
 PyMethodDef methods[] = {
+    {"_early_flags", early_flags_of, METH_O,
+     "_early_flags(ill): the indices of the set flags of this thread's last CUDA lora_svdvals call, from the "
+     "host copy it queued before its bisection (waits for that copy), when ill is that call's flags; else None."},
+    {"_early_flags_pending", early_flags_pending, METH_O,
+     "_early_flags_pending(ill): whether _early_flags(ill) would find a host copy (does not wait)."},
     {"_lora_call", lora_call, METH_VARARGS,
      "_lora_call(op, first, second, flag, no_grad): a LoRA list op without boxing (None: use torch.ops)."},
     {nullptr, nullptr, 0, nullptr}};

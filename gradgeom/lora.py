@@ -39,6 +39,7 @@ from torch import nn
 from gradgeom import _lora_core as core
 from gradgeom import lora_ops
 from gradgeom._lora_peft import FoundAdapter, discover, scaling_from_config
+from gradgeom._native import _C
 
 __all__ = [
     "AdapterGeometry",
@@ -211,11 +212,15 @@ def _exact_rows(Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor], method: 
 
 
 def _read_flags(ill: torch.Tensor) -> Callable[[], list[int]]:
-    """Queue the copy of the flags ``ill [n]`` (bool) to the host now; the returned function
-    waits for it and gives the flagged indices. On CUDA the copy goes to pinned memory and is
-    waited for through an event, so host work done in between overlaps it and the device's."""
+    """Queue the read of the flags ``ill [n]`` (bool) now; the returned function waits for it and
+    gives the flagged indices, so host work done in between overlaps the device's. On CUDA the
+    flags of a native ``lora_svdvals`` call at 33 <= R <= 128 already have a host copy in flight,
+    queued before its bisection (csrc/early_flags.cpp), and the function waits for that copy
+    alone; other flags are copied to pinned memory here and waited for through an event."""
     if ill.device.type != "cuda":
         return lambda: ill.nonzero().flatten().tolist()
+    if _C._early_flags_pending(ill):
+        return lambda: _C._early_flags(ill)
     host = ill.to("cpu", non_blocking=True)
     copied = torch.cuda.Event()
     copied.record(torch.cuda.current_stream(ill.device))
@@ -227,16 +232,26 @@ def _read_flags(ill: torch.Tensor) -> Callable[[], list[int]]:
     return flagged
 
 
+def _flag_indices(ill: torch.Tensor) -> list[int]:
+    """The indices of the set flags in ``ill [n]`` (bool), read now: from the host copy a native
+    CUDA call queued before its bisection when there is one, else one blocking copy (which costs
+    less host time than a pinned copy and an event when nothing would overlap it)."""
+    if ill.device.type == "cuda":
+        early = _C._early_flags(ill)
+        if early is not None:
+            return early
+    return ill.cpu().nonzero().flatten().tolist()
+
+
 def _rows_to_redo(method: str, n: int, ill: torch.Tensor, flagged: Optional[Callable[[], list[int]]] = None) -> list[int]:
     """The rows ``method`` takes by the exact route: none (``"gram"``), all (``"qr"``) or the
     flagged ones (``"auto"``, the one host read: ``flagged`` from :func:`_read_flags` when the
-    copy was queued earlier, else one blocking copy, which costs less host time when nothing
-    would overlap it)."""
+    read was queued earlier, else :func:`_flag_indices`)."""
     if method == "gram":
         return []
     if method == "qr":
         return list(range(n))
-    return flagged() if flagged is not None else ill.cpu().nonzero().flatten().tolist()
+    return flagged() if flagged is not None else _flag_indices(ill)
 
 
 def _recompute_exact(Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor], rows: list[int], sv: torch.Tensor) -> None:

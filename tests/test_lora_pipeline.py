@@ -275,3 +275,125 @@ def test_cuda_lora_paths_do_not_synchronise():
         lora_ops.lora_svdvals(*map(list, zip(*mixed)))
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+# --- the flags read off the tridiagonal matrices before the bisection (CUDA, 33 <= R <= 128) ------
+
+
+def near_threshold(R, ratio, device):
+    """(B [300, R], A [R, 260]) float64 with σ(B·A) = (1, ..., 1, σ_min), σ_min² = ratio times the
+    Gram route's ill-conditioning threshold (fp64 tolerance times ‖G_B‖_F·‖G_A‖_F); G_B is a full
+    matrix (B's right factor is a random rotation), G_A = I."""
+    f64 = torch.float64
+    q1 = torch.linalg.qr(torch.randn(300, R, dtype=f64, device=device))[0]
+    q2 = torch.linalg.qr(torch.randn(260, R, dtype=f64, device=device))[0]
+    rot = torch.linalg.qr(torch.randn(R, R, dtype=f64, device=device))[0]
+    tol = lora_ops.lora_tolerances()["cond_fp64"]
+    s = torch.ones(R, dtype=f64, device=device)
+    s[-1] = math.sqrt(ratio * tol * math.sqrt((R - 1) * R))  # ‖G_B‖_F ≈ √(R - 1), ‖G_A‖_F = √R
+    return q1 @ torch.diag(s) @ rot.T, rot @ q2.T
+
+
+def staged_case(R, device, n_fill=0):
+    """(Bs, As, flagged): adapters of largest rank R whose flags come from the tridiagonal stage on
+    CUDA, and the indices the Gram route must flag (the rank-deficient ones); ``n_fill`` well
+    conditioned adapters are appended (a batch past one wave of the reduction)."""
+    torch.manual_seed(R)
+    f32, f64 = torch.float32, torch.float64
+    Bs, As, flagged = [], [], []
+
+    def add(B, A, flag=False):
+        if flag:
+            flagged.append(len(Bs))
+        Bs.append(B)
+        As.append(A)
+
+    add(rand((300, R), f32, device), rand((R, 200), f32, device))
+    add(rand((300, 2), f64, device) @ rand((2, R), f64, device), rand((R, 250), f64, device), flag=True)
+    add(torch.zeros(300, R, device=device), rand((R, 200), f32, device))  # M = 0: written by step 1
+    add(rand((300, R), f64, device), rand((R, 260), f64, device))
+    add((rand((300, 3), f64, device) @ rand((3, R), f64, device)).float(), rand((R, 200), f32, device), flag=True)
+    add(rand((20, R), f32, device), rand((R, 200), f32, device))  # structural rank 20 < R
+    add(rand((300, R // 2), f32, device), rand((R // 2, 90), f32, device))  # padded to R
+    nan_B = rand((300, R), f32, device)
+    nan_B[7, 1] = float("nan")
+    add(nan_B, rand((R, 200), f32, device))
+    for ratio in (0.8, 1.25):  # μ_min at 0.8 and 1.25 times the threshold: the error bound must be right
+        add(*near_threshold(R, ratio, device), flag=ratio < 1)
+    for i in range(n_fill):  # float64: well inside the fp64 threshold, but for one rank-1 adapter near
+        # the end (in the reduction's last wave)
+        B = rand((3 * R, 1), f64, device) @ rand((1, R), f64, device) if i == n_fill - 3 else rand((3 * R, R), f64, device)
+        add(B, rand((R, 3 * R), f64, device), flag=i == n_fill - 3)
+    return Bs, As, flagged
+
+
+@requires_cuda
+@pytest.mark.parametrize("R,n_fill", [(33, 0), (64, 0), (80, 0), (100, 0), (128, 0), (100, 140), (128, 140),
+                                      (128, 300), (64, 300), (80, 300)])
+def test_cuda_flags_before_the_bisection_match_python_path(R, n_fill):
+    from gradgeom._native import _C
+
+    Bs, As, flagged = staged_case(R, "cuda", n_fill)
+    sv, ill, fro = lora_ops.lora_svdvals(Bs, As, flag_ill=True)
+    assert _C._early_flags_pending(ill)
+    ref = python_path(Bs, As, True)
+    for g, r in zip((sv, ill, fro), ref):
+        assert_same_bits(g, r)
+    assert ill.nonzero().flatten().tolist() == flagged
+    assert _C._early_flags(ill) == flagged  # the host copy queued before the bisection
+    assert not _C._early_flags_pending(ill) and _C._early_flags(ill) is None  # taken once
+    assert lora._flag_indices(ill) == flagged  # then read the usual way
+
+
+@requires_cuda
+def test_cuda_early_flags_belong_to_the_last_call_only():
+    from gradgeom._native import _C
+
+    Bs, As, flagged = staged_case(64, "cuda")
+    first = lora_ops.lora_svdvals(Bs, As)[1]
+    second = lora_ops.lora_svdvals(Bs[::-1], As[::-1])[1]
+    assert not _C._early_flags_pending(first) and _C._early_flags(first) is None
+    assert lora._flag_indices(first) == flagged
+    assert _C._early_flags(second) == [len(Bs) - 1 - i for i in reversed(flagged)]
+    assert not _C._early_flags_pending(lora_ops.lora_svdvals(Bs, As, flag_ill=False)[1])
+    small = case("rank_deficient", "cuda")  # R = 6: one fused eigenvalue kernel, flags from the spectrum
+    assert not _C._early_flags_pending(lora_ops.lora_svdvals(*small)[1])
+
+
+@requires_cuda
+@pytest.mark.parametrize("R", [64, 128])
+def test_cuda_auto_recomputes_the_flagged_rows_exactly(R):
+    Bs, As, flagged = staged_case(R, "cuda")
+    pairs = list(zip(Bs, As))
+    gram = lora.delta_svdvals(pairs, method="gram")
+    auto = lora.delta_svdvals(pairs, method="auto")
+    for i, (g, a) in enumerate(zip(gram, auto)):
+        if i in flagged:
+            assert_same_bits(a, core.qr_svdvals(Bs[i], As[i]))
+        else:
+            assert_same_bits(a, g)
+    assert [i for i, g in enumerate(lora.geometry(pairs).values()) if g.route == "qr"] == flagged
+
+
+@requires_cuda
+def test_cuda_flags_before_the_bisection_do_not_synchronise():
+    Bs, As, _ = staged_case(128, "cuda", 140)
+    lora_ops.lora_svdvals(Bs, As)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        sv, ill, _ = lora_ops.lora_svdvals(Bs, As)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert_same_bits(ill, python_path(Bs, As, True)[1])
+
+
+def test_early_flags_on_the_cpu_are_none():
+    from gradgeom._native import _C
+
+    Bs, As = case("rank_deficient", "cpu")
+    ill = lora_ops.lora_svdvals(Bs, As)[1]
+    assert _C._early_flags(ill) is None and not _C._early_flags_pending(ill)
+    assert not _C._early_flags_pending("ill")
+    with pytest.raises(TypeError, match="_early_flags: ill must be a torch.Tensor"):
+        _C._early_flags("ill")

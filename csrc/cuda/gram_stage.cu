@@ -15,6 +15,7 @@
 #include "gradgeom/gram_stage.h"
 #include "gradgeom/check.h"
 #include "gradgeom/rxr_check.h"
+#include "gradgeom/tridiag_eig.h"
 
 namespace gradgeom::gram_stage {
 namespace {
@@ -161,6 +162,46 @@ __global__ void __launch_bounds__(kThreads) spectrum_kernel(const double* w, int
   ill[i] = below_resolution(mu_first, mu_min, srank, bound, cond_tol(ad, i));
 }
 
+// Block i: adapter i, from the tridiagonal form T = 2^-s·QᵀMQ the Householder kernels left (d, e,
+// e² at tri + 3Ri, s = scale[i]), before the bisection has run: μ_min < threshold is "at least
+// R - srank + 1 eigenvalues of T lie below 2^-s·threshold" and μ_first > 0 "fewer than R lie
+// below 0", each one Sturm count (tridiag::sturm_counts, on e² raised to kMinE2 as the bisection
+// raises it). Where step 1 wrote the eigenvalues (kDone: non-finite, zero or 1 x 1), they are
+// read from w as spectrum_kernel reads them.
+__global__ void __launch_bounds__(kThreads) tridiagonal_flags_kernel(const double* tri, const int* scale,
+                                                                     const double* w, int R, Adapters ad,
+                                                                     const double* gb, const double* ga, bool* ill) {
+  __shared__ double d[kMaxR], e2[kMaxR];
+  const int64_t i = blockIdx.x;
+  const int64_t RR = int64_t(R) * R;
+  const double* t = tri + i * 3 * int64_t(R);
+  for (int j = threadIdx.x; j < R; j += kThreads) {
+    d[j] = t[j];
+    e2[j] = fmax(t[2 * R + j], tridiag::kMinE2);
+  }
+  const double bound = error_bound(gb + i * RR, ga + i * RR, R);  // its barrier publishes d and e2
+  if (threadIdx.x != 0) return;
+  const int64_t srank = per_adapter(ad.srank, i);
+  const int s = scale[i];
+  if (s == tridiag::kDone || srank <= 0) {
+    const double mu_first = srank > 0 ? clamp_min(w[i * R + R - 1], 0.0) : 0.0;
+    const double mu_min = srank > 0 ? clamp_min(w[i * R + (R - srank)], 0.0) : 0.0;
+    ill[i] = below_resolution(mu_first, mu_min, srank, bound, cond_tol(ad, i));
+    return;
+  }
+  const double threshold = __dmul_rn(bound, cond_tol(ad, i));
+  bool below = false;
+  if (threshold == INFINITY) {
+    below = true;  // every finite μ_min lies below it
+  } else if (threshold > 0) {  // else (0 or NaN) μ_min >= 0 never lies below it
+    const double x[2] = {0.0, ldexp(threshold, -s)};
+    int counts[2];
+    tridiag::sturm_counts<2>(d, e2, R, x, counts);
+    below = counts[0] < R && counts[1] >= R - srank + 1;
+  }
+  ill[i] = below;
+}
+
 // Block i: pair i. Shared: the squared angles, summed in ascending order by thread 0.
 __global__ void __launch_bounds__(kThreads) angle_rows_kernel(const double* w, int K, int64_t n, const int64_t* rank,
                                                               const double* nonfinite, const bool* ill, int cols,
@@ -268,6 +309,29 @@ std::tuple<at::Tensor, at::Tensor> spectrum(const at::Tensor& w, const Adapters&
       flags ? ga.const_data_ptr<double>() : nullptr, sv.data_ptr<double>(), flags ? ill.data_ptr<bool>() : nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {sv, ill};
+}
+
+at::Tensor tridiagonal_flags(const at::Tensor& tri, const at::Tensor& scale, const at::Tensor& w,
+                             const Adapters& adapters, const at::Tensor& gb, const at::Tensor& ga) {
+  const int64_t n = w.size(0), R = w.size(-1);
+  GG_CHECK(R <= kMaxR, "gram_stage: R = ", R, " above ", kMaxR);
+  check_batch("w", w, n, R, 2);
+  check_batch("gb", gb, n, R, 3);
+  check_batch("ga", ga, n, R, 3);
+  GG_CHECK(tri.is_cuda() && tri.scalar_type() == at::kDouble && tri.is_contiguous() && tri.dim() == 2 &&
+               tri.size(0) == n && tri.size(1) == 3 * R,
+           "gram_stage: tri must be a contiguous CUDA float64 [", n, ", ", 3 * R, "], got ", tri.sizes());
+  GG_CHECK(scale.is_cuda() && scale.scalar_type() == at::kInt && scale.is_contiguous() && scale.numel() == n,
+           "gram_stage: scale must be a contiguous CUDA int32 [", n, "], got ", scale.sizes());
+  const c10::cuda::CUDAGuard guard(w.device());
+  at::Tensor ill = at::empty({n}, w.options().dtype(at::kBool));
+  if (n == 0) return ill;
+  GG_CHECK(n < (int64_t(1) << 31), "gram_stage: too many adapters (", n, ")");
+  tridiagonal_flags_kernel<<<static_cast<unsigned>(n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      tri.const_data_ptr<double>(), scale.const_data_ptr<int>(), w.const_data_ptr<double>(), static_cast<int>(R),
+      adapters, gb.const_data_ptr<double>(), ga.const_data_ptr<double>(), ill.data_ptr<bool>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return ill;
 }
 
 at::Tensor angle_rows(const at::Tensor& w, const at::Tensor& rank, const at::Tensor& nonfinite, const at::Tensor& ill) {

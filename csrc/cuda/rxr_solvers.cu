@@ -36,6 +36,7 @@
 #include "gradgeom/block_ops.h"
 #include "gradgeom/check.h"
 #include "gradgeom/cholesky_panel.cuh"
+#include "gradgeom/eigvalsh_staged.h"
 #include "gradgeom/jacobi.h"
 #include "gradgeom/psd_cholesky.h"
 #include "gradgeom/rxr_check.h"
@@ -294,9 +295,10 @@ constexpr int64_t kSpareBisectsPerSM = 3;
 // launch: a bisection on a side stream could take every SM first, each block leaving too few
 // registers for a regs-kernel block, and hold the tail back by a whole bisection, as seen on an
 // H100). Each matrix goes through the same reduction and bisection code either way, so the bits
-// do not change.
+// do not change. `hook` (may be null) runs between the reductions and the bisection's launch.
 template <typename Kernel>
-void eigvalsh_two_launches(const at::Tensor& a64, at::Tensor& w, Kernel kernel, int threads, int64_t smem) {
+void eigvalsh_two_launches(const at::Tensor& a64, at::Tensor& w, Kernel kernel, int threads, int64_t smem,
+                           const TridiagonalHook* hook) {
   const int64_t batch = a64.size(0);
   const int n = static_cast<int>(a64.size(1));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -321,8 +323,12 @@ void eigvalsh_two_launches(const at::Tensor& a64, at::Tensor& w, Kernel kernel, 
   const Residency res = residency(reinterpret_cast<const void*>(kernel), threads, smem);
   const int64_t wave = res.per_sm * res.sms;
   const int64_t tail = wave > 0 ? batch % wave : 0;
+  auto tridiagonal_ready = [&] {
+    if (hook != nullptr) (*hook)(tri, scale, w);
+  };
   if (batch <= wave || tail == 0) {
     reduce(ReduceLaunch{0, batch, 0, 1}, smem);
+    tridiagonal_ready();
     bisect(0, batch);
     return;
   }
@@ -331,21 +337,27 @@ void eigvalsh_two_launches(const at::Tensor& a64, at::Tensor& w, Kernel kernel, 
   const int64_t early = std::min(head, (wave - tail) * per_block);  // bisected beside the tail
   reduce(ReduceLaunch{0, head, 0, 1}, smem);
   reduce(ReduceLaunch{head, tail, early, per_block}, tail_smem);
+  tridiagonal_ready();
   bisect(early, batch - early);
 }
 
-void eigvalsh_cuda(const at::Tensor& a64, at::Tensor& w) {
+// Whether eigvalsh_cuda reduces matrices of size n to tridiagonal form in a launch of its own.
+bool staged(int64_t n) { return use_tile(n) || use_rows(n) || use_regs(n); }
+
+void eigvalsh_cuda(const at::Tensor& a64, at::Tensor& w, const TridiagonalHook* hook = nullptr) {
   const int64_t batch = a64.size(0);
   const int n = static_cast<int>(a64.size(1));
   if (use_tile(n)) {
     using M = tile::Matrix64;
     return eigvalsh_two_launches(a64, w, tridiag_tile_kernel<M>, M::kThreads,
-                                 tridiag::tile_workspace_doubles<M>() * int64_t(sizeof(double)));
+                                 tridiag::tile_workspace_doubles<M>() * int64_t(sizeof(double)), hook);
   }
   if (use_rows(n))
-    return eigvalsh_two_launches(a64, w, tridiag_rows_kernel, tridiag::kRowsThreads, tridiag::rows_smem_bytes(n));
+    return eigvalsh_two_launches(a64, w, tridiag_rows_kernel, tridiag::kRowsThreads, tridiag::rows_smem_bytes(n),
+                                 hook);
   if (use_regs(n))
-    return eigvalsh_two_launches(a64, w, tridiag_regs_kernel, tridiag::kRegsThreads, tridiag::regs_smem_bytes(n));
+    return eigvalsh_two_launches(a64, w, tridiag_regs_kernel, tridiag::kRegsThreads, tridiag::regs_smem_bytes(n),
+                                 hook);
   const int threads = block_threads(n);
   constexpr int64_t kDouble = sizeof(double);
   const int64_t fixed = tridiag::workspace_doubles(n) * kDouble + tridiag::grid_points(n, threads) * int64_t(sizeof(int));
@@ -362,6 +374,11 @@ void eigvalsh_cuda(const at::Tensor& a64, at::Tensor& w) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// sym_eigh's w before the solver writes it.
+at::Tensor unwritten_eigenvalues(const at::Tensor& a64) {
+  return at::full({a64.size(0), a64.size(1)}, std::numeric_limits<double>::quiet_NaN(), a64.options());
+}
+
 std::tuple<at::Tensor, at::Tensor> sym_eigh_cuda(const at::Tensor& A, bool vectors) {
   check_square_batch("sym_eigh", A);
   const c10::cuda::CUDAGuard guard(A.device());
@@ -370,7 +387,7 @@ std::tuple<at::Tensor, at::Tensor> sym_eigh_cuda(const at::Tensor& A, bool vecto
   const int64_t n = a64.size(1);
   const auto opts = a64.options();
   const double nan = std::numeric_limits<double>::quiet_NaN();
-  at::Tensor w = at::full({batch, n}, nan, opts);
+  at::Tensor w = unwritten_eigenvalues(a64);
   at::Tensor V = vectors ? at::full({batch, n, n}, nan, opts) : at::empty({0}, opts);
   if (batch == 0 || n == 0) return {w, V};
   GG_CHECK(batch < (int64_t(1) << 31), "sym_eigh: batch too large (", batch, ")");
@@ -457,6 +474,20 @@ at::Tensor psd_cholesky_cuda(const at::Tensor& A, double tol) {
 }
 
 }  // namespace
+
+at::Tensor sym_eigvalsh_staged(const at::Tensor& a64, const TridiagonalHook& hook, bool* hooked) {
+  check_square_batch("sym_eigh", a64);
+  GG_CHECK(a64.is_cuda() && a64.scalar_type() == at::kDouble && a64.is_contiguous(),
+           "sym_eigvalsh_staged: a64 must be a contiguous CUDA float64 batch");
+  const c10::cuda::CUDAGuard guard(a64.device());
+  at::Tensor w = unwritten_eigenvalues(a64);
+  const int64_t batch = a64.size(0), n = a64.size(1);
+  *hooked = batch > 0 && staged(n);
+  if (batch == 0 || n == 0) return w;
+  GG_CHECK(batch < (int64_t(1) << 31), "sym_eigh: batch too large (", batch, ")");
+  eigvalsh_cuda(a64, w, *hooked ? &hook : nullptr);
+  return w;
+}
 
 TORCH_LIBRARY_IMPL(gradgeom, CUDA, m) {
   m.impl("sym_eigh", &sym_eigh_cuda);

@@ -64,6 +64,15 @@ Coefficients coefficients(const at::Tensor& lam, const at::Tensor& V, const at::
 std::tuple<at::Tensor, at::Tensor> spectrum(const at::Tensor& w, const Adapters& adapters, const at::Tensor& gb,
                                             const at::Tensor& ga, bool flags);
 
+// The flags of spectrum(w, ..., flags=true) before w is known: from the tridiagonal matrices the
+// Householder stage of sym_eigvalsh_staged leaves (tri, scale as eigvalsh_staged.h says; R <= 1024),
+// by Sturm counts at 0 and at the threshold instead of comparisons with the bisected eigenvalues.
+// A flag can differ from spectrum's only where μ_min or μ_first lies within the bisection's
+// tolerance of the threshold or of 0. w is read only for the matrices whose scale is
+// tridiag::kDone (step 1 wrote theirs; the bisection leaves them alone). Returns bool [n].
+at::Tensor tridiagonal_flags(const at::Tensor& tri, const at::Tensor& scale, const at::Tensor& w,
+                             const Adapters& adapters, const at::Tensor& gb, const at::Tensor& ga);
+
 // The composite's output rows from the eigenvalues w (float64 [n, K], ascending) of CᵀC for the n
 // pairs, whose sides are adapters i and n + i of rank/nonfinite/ill ([2n]; ill may be undefined):
 // float64 [n, K + 4] (+1 with ill) = angles (0 beyond min(rank1, rank2)), distance, rank1,
