@@ -218,7 +218,7 @@ def _read_flags(ill: torch.Tensor) -> Callable[[], list[int]]:
     queued before its bisection (csrc/early_flags.cpp), and the function waits for that copy
     alone; other flags are copied to pinned memory here and waited for through an event."""
     if ill.device.type != "cuda":
-        return lambda: ill.nonzero().flatten().tolist()
+        return lambda: _flag_indices(ill)
     if _C._early_flags_pending(ill):
         return lambda: _C._early_flags(ill)
     host = ill.to("cpu", non_blocking=True)
