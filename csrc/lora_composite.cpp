@@ -251,17 +251,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_svdvals(at::TensorList Bs, a
   if (x.is_cuda()) {  // the elementwise end fused (gram_stage.h), the flags on the host early
     const gram_stage::Adapters adapters = stage_adapters(s);
     early_flags::HostCopy flags;
-    bool staged = false;
     const at::Tensor w = sym_eigvalsh_staged(
-        x.contiguous(),
-        [&](const at::Tensor& tri, const at::Tensor& scale, const at::Tensor& w_out) {
+        x.contiguous(), [&](const at::Tensor& tri, const at::Tensor& scale, const at::Tensor& w_out) {
           if (flag_ill)
             flags.start([&] { return gram_stage::tridiagonal_flags(tri, scale, w_out, adapters, gb, ga); });
-        },
-        &staged);
-    const auto [sv, ill] = gram_stage::spectrum(w, adapters, gb, ga, flag_ill && !staged);
+        });
+    const bool early = flags.started();
+    const auto [sv, ill] = gram_stage::spectrum(w, adapters, gb, ga, flag_ill && !early);
     if (!flag_ill) return {sv, none_ill(), fro};
-    return {sv, staged ? flags.finish() : ill, fro};
+    return {sv, early ? flags.finish() : ill, fro};
   }
 #endif
   const at::Tensor mu = beyond_rank(eigvalsh(x.contiguous()).clamp_min(0).flip(-1), s.srank);  // lower triangle read

@@ -41,6 +41,14 @@ __device__ __forceinline__ double cond_tol(const Adapters& ad, int64_t i) {
   return per_adapter(ad.fp64, i) ? ad.cond_tol_fp64 : ad.cond_tol_fp32;
 }
 
+// below_resolution read off adapter i's eigenvalues of M, ascending at wi [R].
+__device__ __forceinline__ bool below_resolution_of(const double* wi, int R, int64_t srank, double bound,
+                                                    double tol) {
+  const double mu_first = srank > 0 ? clamp_min(wi[R - 1], 0.0) : 0.0;
+  const double mu_min = srank > 0 ? clamp_min(wi[R - srank], 0.0) : 0.0;
+  return below_resolution(mu_first, mu_min, srank, bound, tol);
+}
+
 // ‖G_B‖_F·‖G_A‖_F of one adapter (the symmetric R x R Grams at gb and ga), on thread 0 (the
 // others get 0): the scale of the eigenvalue error of M (_lora_core.error_bound). Each sum of
 // squares reads its lower triangle (the diagonal once, the rest twice) in this kernel's own fixed
@@ -156,10 +164,7 @@ __global__ void __launch_bounds__(kThreads) spectrum_kernel(const double* w, int
   if (ill == nullptr) return;
   const int64_t RR = int64_t(R) * R;
   const double bound = error_bound(gb + i * RR, ga + i * RR, R);
-  if (threadIdx.x != 0) return;
-  const double mu_first = srank > 0 ? clamp_min(w[i * R + R - 1], 0.0) : 0.0;
-  const double mu_min = srank > 0 ? clamp_min(w[i * R + (R - srank)], 0.0) : 0.0;
-  ill[i] = below_resolution(mu_first, mu_min, srank, bound, cond_tol(ad, i));
+  if (threadIdx.x == 0) ill[i] = below_resolution_of(w + i * R, R, srank, bound, cond_tol(ad, i));
 }
 
 // Block i: adapter i, from the tridiagonal form T = 2^-s·QᵀMQ the Householder kernels left (d, e,
@@ -184,9 +189,7 @@ __global__ void __launch_bounds__(kThreads) tridiagonal_flags_kernel(const doubl
   const int64_t srank = per_adapter(ad.srank, i);
   const int s = scale[i];
   if (s == tridiag::kDone || srank <= 0) {
-    const double mu_first = srank > 0 ? clamp_min(w[i * R + R - 1], 0.0) : 0.0;
-    const double mu_min = srank > 0 ? clamp_min(w[i * R + (R - srank)], 0.0) : 0.0;
-    ill[i] = below_resolution(mu_first, mu_min, srank, bound, cond_tol(ad, i));
+    ill[i] = below_resolution_of(w + i * R, R, srank, bound, cond_tol(ad, i));
     return;
   }
   const double threshold = __dmul_rn(bound, cond_tol(ad, i));

@@ -475,17 +475,16 @@ at::Tensor psd_cholesky_cuda(const at::Tensor& A, double tol) {
 
 }  // namespace
 
-at::Tensor sym_eigvalsh_staged(const at::Tensor& a64, const TridiagonalHook& hook, bool* hooked) {
+at::Tensor sym_eigvalsh_staged(const at::Tensor& a64, const TridiagonalHook& hook) {
   check_square_batch("sym_eigh", a64);
   GG_CHECK(a64.is_cuda() && a64.scalar_type() == at::kDouble && a64.is_contiguous(),
            "sym_eigvalsh_staged: a64 must be a contiguous CUDA float64 batch");
   const c10::cuda::CUDAGuard guard(a64.device());
   at::Tensor w = unwritten_eigenvalues(a64);
   const int64_t batch = a64.size(0), n = a64.size(1);
-  *hooked = batch > 0 && staged(n);
   if (batch == 0 || n == 0) return w;
   GG_CHECK(batch < (int64_t(1) << 31), "sym_eigh: batch too large (", batch, ")");
-  eigvalsh_cuda(a64, w, *hooked ? &hook : nullptr);
+  eigvalsh_cuda(a64, w, staged(n) ? &hook : nullptr);
   return w;
 }
 

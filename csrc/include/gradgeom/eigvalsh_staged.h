@@ -18,8 +18,8 @@ using TridiagonalHook = std::function<void(const at::Tensor& tri, const at::Tens
 
 // The eigenvalues of sym_eigh(A, vectors=False), float64 [m, n] ascending, the same bits, for a
 // contiguous float64 CUDA batch a64 [m, n, n] (lower triangles read). Where the solver for this n
-// reduces to tridiagonal form in a launch of its own (33 <= n <= 128) and m > 0, calls `hook` as
-// above and returns true in *hooked; otherwise (one fused kernel) never calls it.
-at::Tensor sym_eigvalsh_staged(const at::Tensor& a64, const TridiagonalHook& hook, bool* hooked);
+// reduces to tridiagonal form in a launch of its own (33 <= n <= 128) and m > 0, calls `hook` once
+// as above; otherwise (one fused kernel) never calls it.
+at::Tensor sym_eigvalsh_staged(const at::Tensor& a64, const TridiagonalHook& hook);
 
 }  // namespace gradgeom
