@@ -174,8 +174,9 @@ def lora_cross_gram(
     Returns:
         float64 ``[n, R, R]`` with ``R = max(p_i, q_i)`` on the factors' device:
         ``out[i, :p_i, :q_i] = B1ᵢᵀ·B2ᵢ``, zeros elsewhere. Both factors are widened to float64
-        and products and sums are float64 (on the CPU an ATen matmul; on CUDA one kernel that may
-        sum in another order, ~1e-16 relative). Never synchronises with the GPU.
+        and products and sums are float64, read in place (no stacked copy): on the CPU in blocks of
+        256 rows summed in row order (the same bits for any thread count), on CUDA in row slices
+        summed in slice order; the two differ by ~1e-16 relative. Never synchronises with the GPU.
     """
     B1s, B2s = _parallel_lists("lora_cross_gram", ("B1s", "B2s"), B1s, B2s)
     for name, seq in (("B1s", B1s), ("B2s", B2s)):

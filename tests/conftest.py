@@ -18,3 +18,16 @@ def pytest_report_header(config):
 @pytest.fixture(params=DEVICES)
 def device(request):
     return torch.device(request.param)
+
+
+def at_thread_counts(fn, counts=(1, 3, 8)):
+    """[fn() with torch.set_num_threads(c) for c in counts]; the thread count is restored."""
+    before = torch.get_num_threads()
+    try:
+        out = []
+        for c in counts:
+            torch.set_num_threads(c)
+            out.append(fn())
+        return out
+    finally:
+        torch.set_num_threads(before)

@@ -4,7 +4,7 @@ reference."""
 import pytest
 import torch
 
-from conftest import requires_cuda
+from conftest import at_thread_counts, requires_cuda
 from gradgeom import lora_ops, reference
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -110,6 +110,20 @@ def test_lora_cross_gram_many_pairs(device):
     B2s[17] = torch.randn(2000, 2, generator=g).to(device, torch.bfloat16)
     got = assert_matches_and_repeats(B1s, B2s)
     assert got.shape == (600, 33, 33)
+
+
+@pytest.mark.parametrize("n", [1, 2, 40])
+def test_cpu_lora_cross_gram_bits_do_not_depend_on_threads(n):
+    """The CPU kernel shares out whole pairs when there are enough of them, else blocks of rows;
+    either way each product sums its blocks in row order in fp64, so the thread count (which picks
+    the way) never changes a bit."""
+    g = torch.Generator().manual_seed(11)
+    B1s = [torch.randn(700 + 97 * i, 3 + 7 * (i % 5), generator=g) for i in range(n)]
+    B2s = [torch.randn(B.shape[0], 1 + 5 * (i % 7), generator=g).to(torch.bfloat16) for i, B in enumerate(B1s)]
+    got = at_thread_counts(lambda: lora_ops.lora_cross_gram(B1s, B2s))
+    for x in got[1:]:
+        assert torch.equal(x, got[0])
+    assert_cross_close(got[0], B1s, B2s)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

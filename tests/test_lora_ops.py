@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from conftest import at_thread_counts
 from gradgeom import lora_ops, reference
 
 HAS_CUDA = torch.cuda.is_available()
@@ -708,14 +709,7 @@ def test_cpu_lora_gram_bits_do_not_depend_on_threads(n):
     g = torch.Generator().manual_seed(9)
     Bs = [torch.randn(700 + 97 * i, 3 + 7 * (i % 5), generator=g) for i in range(n)]
     As = [torch.randn(B.shape[1], 600 + 31 * i, generator=g).to(torch.bfloat16) for i, B in enumerate(Bs)]
-    before = torch.get_num_threads()
-    try:
-        got = []
-        for threads in (1, 3, 8):
-            torch.set_num_threads(threads)
-            got.append(lora_ops.lora_gram(Bs, As))
-    finally:
-        torch.set_num_threads(before)
+    got = at_thread_counts(lambda: lora_ops.lora_gram(Bs, As))
     for gb, ga in got[1:]:
         assert torch.equal(gb, got[0][0]) and torch.equal(ga, got[0][1])
     rb, ra = reference.lora_gram(Bs, As)
