@@ -23,7 +23,6 @@
 #include <array>
 #include <atomic>
 #include <cstring>
-#include <mutex>
 #include <tuple>
 #include <vector>
 
@@ -33,6 +32,7 @@
 #include "gradgeom/lora_gram_plan.h"
 #include "gradgeom/mma_gram.cuh"
 #include "gradgeom/mma_gram_wide.cuh"
+#include "gradgeom/stream_lru.h"
 #include "gradgeom/wgmma_gram.cuh"
 
 namespace gradgeom {
@@ -461,44 +461,16 @@ bool same_jobs(const std::vector<GramJob>& a, const std::vector<GramJob>& b) {
 // checked job by job, without rebuilding and comparing its metadata words. Entries are read-only
 // and replaced only by calls on their own stream, like cached_upload_words' entries.
 LaunchPlan cached_launch_plan(const LoraGramPlan& plan, const DeviceFacts& facts, const at::TensorOptions& dev) {
-  struct Entry {
-    int device;
-    int64_t stream;
-    std::vector<GramJob> jobs;
-    LaunchPlan launch;
-    uint64_t last_use;
-  };
-  struct Cache {
-    std::mutex mu;
-    std::vector<Entry> entries;
-    uint64_t clock = 0;
-  };
-  constexpr size_t kEntries = 16;
-  static Cache* cache = new Cache();  // never destroyed: no CUDA frees after the runtime shuts down
+  // Never destroyed: no CUDA frees after the runtime shuts down.
+  static auto* cache = new StreamLru<std::vector<GramJob>, LaunchPlan>(/*capacity=*/16);
   if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None)
     return make_launch_plan(plan, facts, dev);  // the graph must own its metadata
   const int device = dev.device().index();
   const int64_t stream = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)).id();
-  {
-    const std::lock_guard<std::mutex> lock(cache->mu);
-    for (Entry& e : cache->entries) {
-      if (e.device == device && e.stream == stream && same_jobs(e.jobs, plan.jobs)) {
-        e.last_use = ++cache->clock;
-        return e.launch;
-      }
-    }
-  }
+  auto same = [&](const std::vector<GramJob>& jobs) { return same_jobs(jobs, plan.jobs); };
+  if (auto hit = cache->find(device, stream, same)) return *hit;
   LaunchPlan fresh = make_launch_plan(plan, facts, dev);
-  const std::lock_guard<std::mutex> lock(cache->mu);
-  Entry entry{device, stream, plan.jobs, fresh, ++cache->clock};
-  if (cache->entries.size() < kEntries) {
-    cache->entries.push_back(std::move(entry));
-    return fresh;
-  }
-  Entry* victim = nullptr;  // the least recently used entry of this stream
-  for (Entry& e : cache->entries)
-    if (e.device == device && e.stream == stream && (victim == nullptr || e.last_use < victim->last_use)) victim = &e;
-  if (victim != nullptr) *victim = std::move(entry);
+  cache->insert(device, stream, plan.jobs, fresh);
   return fresh;
 }
 

@@ -14,33 +14,18 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <mutex>
 #include <utility>
 #include <vector>
 
 #include "gradgeom/device_upload.h"
+#include "gradgeom/stream_lru.h"
 
 namespace gradgeom {
 namespace upload_cache {
 
-constexpr size_t kEntries = 32;
-
-struct Entry {
-  int device;
-  int64_t stream;
-  std::vector<int64_t> words;
-  at::Tensor on_device;
-  uint64_t last_use;
-};
-
-struct Cache {
-  std::mutex mu;
-  std::vector<Entry> entries;
-  uint64_t clock = 0;
-};
-
-inline Cache& cache() {
-  static Cache* c = new Cache();  // never destroyed: no CUDA frees after the runtime shuts down
+inline StreamLru<std::vector<int64_t>, at::Tensor>& cache() {
+  // Never destroyed: no CUDA frees after the runtime shuts down.
+  static auto* c = new StreamLru<std::vector<int64_t>, at::Tensor>(/*capacity=*/32);
   return *c;
 }
 
@@ -57,29 +42,12 @@ at::Tensor cached_upload_words(int64_t words, const at::TensorOptions& device, F
     return upload_words(words, device, copy_host);
   const int dev = device.device().index();
   const int64_t stream = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(dev)).id();
-  upload_cache::Cache& c = upload_cache::cache();
-  {
-    const std::lock_guard<std::mutex> lock(c.mu);
-    for (upload_cache::Entry& e : c.entries) {
-      // No hash: the words of different tensor sets differ in their first words (data pointers),
-      // where the comparison stops.
-      if (e.device == dev && e.stream == stream && e.words == host) {
-        e.last_use = ++c.clock;
-        return e.on_device;
-      }
-    }
-  }
+  // No hash: the words of different tensor sets differ in their first words (data pointers),
+  // where the comparison stops.
+  auto same = [&](const std::vector<int64_t>& key) { return key == host; };
+  if (auto hit = upload_cache::cache().find(dev, stream, same)) return *hit;
   at::Tensor fresh = upload_words(words, device, copy_host);
-  const std::lock_guard<std::mutex> lock(c.mu);
-  upload_cache::Entry entry{dev, stream, std::move(host), fresh, ++c.clock};
-  if (c.entries.size() < upload_cache::kEntries) {
-    c.entries.push_back(std::move(entry));
-    return fresh;
-  }
-  upload_cache::Entry* victim = nullptr;  // the least recently used entry of this stream
-  for (upload_cache::Entry& e : c.entries)
-    if (e.device == dev && e.stream == stream && (victim == nullptr || e.last_use < victim->last_use)) victim = &e;
-  if (victim != nullptr) *victim = std::move(entry);
+  upload_cache::cache().insert(dev, stream, std::move(host), fresh);
   return fresh;
 }
 
