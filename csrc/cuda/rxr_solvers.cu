@@ -341,10 +341,9 @@ void eigvalsh_two_launches(const at::Tensor& a64, at::Tensor& w, Kernel kernel, 
   bisect(early, batch - early);
 }
 
-// Whether eigvalsh_cuda reduces matrices of size n to tridiagonal form in a launch of its own.
-bool staged(int64_t n) { return use_tile(n) || use_rows(n) || use_regs(n); }
-
-void eigvalsh_cuda(const at::Tensor& a64, at::Tensor& w, const TridiagonalHook* hook = nullptr) {
+// `hook` (may be null) is called only where the reduction to tridiagonal form has a launch of its
+// own (eigvalsh_two_launches); the one fused kernel of the other sizes never calls it.
+void eigvalsh_cuda(const at::Tensor& a64, at::Tensor& w, const TridiagonalHook* hook) {
   const int64_t batch = a64.size(0);
   const int n = static_cast<int>(a64.size(1));
   if (use_tile(n)) {
@@ -374,12 +373,8 @@ void eigvalsh_cuda(const at::Tensor& a64, at::Tensor& w, const TridiagonalHook* 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// sym_eigh's w before the solver writes it.
-at::Tensor unwritten_eigenvalues(const at::Tensor& a64) {
-  return at::full({a64.size(0), a64.size(1)}, std::numeric_limits<double>::quiet_NaN(), a64.options());
-}
-
-std::tuple<at::Tensor, at::Tensor> sym_eigh_cuda(const at::Tensor& A, bool vectors) {
+// sym_eigh, with `hook` passed to eigvalsh_cuda when only eigenvalues are asked for.
+std::tuple<at::Tensor, at::Tensor> sym_eigh_impl(const at::Tensor& A, bool vectors, const TridiagonalHook* hook) {
   check_square_batch("sym_eigh", A);
   const c10::cuda::CUDAGuard guard(A.device());
   const at::Tensor a64 = A.to(at::kDouble).contiguous();
@@ -387,12 +382,12 @@ std::tuple<at::Tensor, at::Tensor> sym_eigh_cuda(const at::Tensor& A, bool vecto
   const int64_t n = a64.size(1);
   const auto opts = a64.options();
   const double nan = std::numeric_limits<double>::quiet_NaN();
-  at::Tensor w = unwritten_eigenvalues(a64);
+  at::Tensor w = at::full({batch, n}, nan, opts);
   at::Tensor V = vectors ? at::full({batch, n, n}, nan, opts) : at::empty({0}, opts);
   if (batch == 0 || n == 0) return {w, V};
   GG_CHECK(batch < (int64_t(1) << 31), "sym_eigh: batch too large (", batch, ")");
   if (!vectors) {
-    eigvalsh_cuda(a64, w);
+    eigvalsh_cuda(a64, w, hook);
     return {w, V};
   }
 
@@ -415,6 +410,10 @@ std::tuple<at::Tensor, at::Tensor> sym_eigh_cuda(const at::Tensor& A, bool vecto
       use_smem ? nullptr : work_v.data_ptr<double>(), w.data_ptr<double>(), V.data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {w, V};
+}
+
+std::tuple<at::Tensor, at::Tensor> sym_eigh_cuda(const at::Tensor& A, bool vectors) {
+  return sym_eigh_impl(A, vectors, /*hook=*/nullptr);
 }
 
 // Shared memory: cholesky doubles workspace, the packed matrix (when it fits), the ints workspace.
@@ -476,16 +475,9 @@ at::Tensor psd_cholesky_cuda(const at::Tensor& A, double tol) {
 }  // namespace
 
 at::Tensor sym_eigvalsh_staged(const at::Tensor& a64, const TridiagonalHook& hook) {
-  check_square_batch("sym_eigh", a64);
   GG_CHECK(a64.is_cuda() && a64.scalar_type() == at::kDouble && a64.is_contiguous(),
            "sym_eigvalsh_staged: a64 must be a contiguous CUDA float64 batch");
-  const c10::cuda::CUDAGuard guard(a64.device());
-  at::Tensor w = unwritten_eigenvalues(a64);
-  const int64_t batch = a64.size(0), n = a64.size(1);
-  if (batch == 0 || n == 0) return w;
-  GG_CHECK(batch < (int64_t(1) << 31), "sym_eigh: batch too large (", batch, ")");
-  eigvalsh_cuda(a64, w, staged(n) ? &hook : nullptr);
-  return w;
+  return std::get<0>(sym_eigh_impl(a64, /*vectors=*/false, &hook));
 }
 
 TORCH_LIBRARY_IMPL(gradgeom, CUDA, m) {
